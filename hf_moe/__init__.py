@@ -1,0 +1,11 @@
+"""hf_moe: sparse Mixture-of-Experts models for the Hugging Face ecosystem.
+
+``import hf_moe`` registers the Switch (``switch_moe``) and Expert Choice (``expert_choice_moe``)
+architectures with transformers' Auto classes.
+"""
+
+from .modeling import *  # noqa: F403
+from .modeling import __all__ as _modeling_all
+
+__version__ = "0.1.0"
+__all__ = list(_modeling_all)

@@ -1,0 +1,182 @@
+"""Configurations of the two hf_moe architectures.
+
+Both nest the dense decoder they transform as ``text_config`` (any decoder config transformers
+knows) and list the layers whose feed-forward block becomes a sparse MoE block in ``moe_layers``.
+Defaults follow the Switch Transformer and ST-MoE papers (see REFERENCE.md).
+
+This file is copied next to saved checkpoints for ``trust_remote_code``: relative imports only.
+"""
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+MOE_LAYER_SHORTHANDS = ("all", "every_other", "last_half")
+INFERENCE_ROUTINGS = ("expert_choice", "threshold")
+
+
+def resolve_moe_layers(moe_layers, num_hidden_layers: int) -> list[int]:
+    """Turn a shorthand or an explicit list into sorted layer indices.
+
+    ``"every_other"`` takes the odd layers (1, 3, 5, ...), as in Switch and sparse upcycling, where
+    every other feed-forward block is replaced.
+    """
+    if moe_layers == "all":
+        return list(range(num_hidden_layers))
+    if moe_layers == "every_other":
+        return list(range(1, num_hidden_layers, 2))
+    if moe_layers == "last_half":
+        return list(range(num_hidden_layers // 2, num_hidden_layers))
+    return sorted(moe_layers)
+
+
+class MoeConfigMixin:
+    """Validation shared by both configurations; every problem is reported at once."""
+
+    def _moe_problems(self) -> list[str]:
+        problems = []
+        num_layers = self.text_config.num_hidden_layers
+        layers = self.moe_layers
+        if isinstance(layers, str):
+            if layers not in MOE_LAYER_SHORTHANDS:
+                problems.append(
+                    f"moe_layers must be a list of layer indices or one of {list(MOE_LAYER_SHORTHANDS)}, got {layers!r}"
+                )
+        elif not isinstance(layers, (list, tuple)) or not all(isinstance(i, int) for i in layers):
+            problems.append(f"moe_layers must be a list of integer layer indices, got {layers!r}")
+        else:
+            bad = [i for i in layers if not 0 <= i < num_layers]
+            if bad:
+                problems.append(f"moe_layers must be between 0 and {num_layers - 1} (num_hidden_layers={num_layers}), got {bad}")
+            elif len(set(layers)) != len(layers):
+                problems.append(f"moe_layers must not repeat a layer, got {list(layers)}")
+            elif not layers:
+                problems.append("moe_layers must name at least one layer, got []")
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            problems.append(f"num_experts must be an integer >= 1, got {self.num_experts!r}")
+        for name in ("router_z_loss_coef", "router_init_std"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                problems.append(f"{name} must be a number >= 0, got {value!r}")
+        if not isinstance(self.expert_dropout, (int, float)) or not 0 <= self.expert_dropout < 1:
+            problems.append(f"expert_dropout must be in [0, 1), got {self.expert_dropout!r}")
+        return problems
+
+    def _finish(self, problems: list[str]) -> None:
+        if problems:
+            raise ValueError(f"Invalid {type(self).__name__}:\n  - " + "\n  - ".join(problems))
+        self.moe_layers = resolve_moe_layers(self.moe_layers, self.text_config.num_hidden_layers)
+
+
+def _check_capacity(name: str, value, allow_none: bool) -> list[str]:
+    if value is None and allow_none:
+        return []
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        allowed = "a number > 0 or None (dropless)" if allow_none else "a number > 0"
+        return [f"{name} must be {allowed}, got {value!r}"]
+    return []
+
+
+class SwitchMoeConfig(MoeConfigMixin, PreTrainedConfig):
+    r"""Token-choice MoE (Switch Transformer when ``num_experts_per_tok=1``; top-k otherwise).
+
+    Args:
+        text_config: the dense decoder to transform (config object or dict with ``model_type``).
+        num_experts: experts per MoE layer.
+        moe_layers: explicit layer indices, or ``"every_other"`` (odd layers), ``"all"``, ``"last_half"``;
+            stored resolved to indices.
+        num_experts_per_tok: k of top-k.
+        norm_topk_prob: ``False`` scales each expert output by its gate probability (Switch eq. 2);
+            ``True`` renormalises the k gates to sum 1 (Mixtral), which makes an upcycled model
+            compute exactly the dense function.
+        capacity_factor: training capacity factor; expert capacity per sequence is
+            ``ceil(capacity_factor * seq_len * k / num_experts)`` (Switch eq. 3). ``None`` = dropless.
+        eval_capacity_factor: the same for evaluation and generation; ``None`` (default) = dropless.
+        router_jitter_noise: multiplicative jitter epsilon on the router input, training only.
+        router_aux_loss_coef: load-balancing loss coefficient (Switch eq. 4, default 1e-2).
+        router_z_loss_coef: router z-loss coefficient (ST-MoE eq. 5, default 1e-3).
+        expert_dropout: dropout on the experts' hidden activation, training only (Switch Table 4 uses 0.4).
+        router_init_std: std of the router's normal initialisation (T5X/flaxformer: 0.02).
+        output_router_logits: also return every MoE layer's router logits.
+    """
+
+    model_type = "switch_moe"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    text_config: dict | PreTrainedConfig | None = None
+    num_experts: int = 8
+    moe_layers: list[int] | str = "every_other"
+    num_experts_per_tok: int = 1
+    norm_topk_prob: bool = False
+    capacity_factor: float | None = 1.25
+    eval_capacity_factor: float | None = None
+    router_jitter_noise: float = 0.0
+    router_aux_loss_coef: float = 1e-2
+    router_z_loss_coef: float = 1e-3
+    expert_dropout: float = 0.0
+    router_init_std: float = 0.02
+    output_router_logits: bool = False
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # The nested decoder owns embedding tying; mirror it so the outer model reports it too.
+        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+        problems = self._moe_problems()
+        k = self.num_experts_per_tok
+        if not isinstance(k, int) or isinstance(self.num_experts, int) and not 1 <= k <= self.num_experts:
+            problems.append(f"num_experts_per_tok must be between 1 and num_experts ({self.num_experts}), got {k!r}")
+        if not isinstance(self.norm_topk_prob, bool):
+            problems.append(f"norm_topk_prob must be True or False, got {self.norm_topk_prob!r}")
+        problems += _check_capacity("capacity_factor", self.capacity_factor, allow_none=True)
+        problems += _check_capacity("eval_capacity_factor", self.eval_capacity_factor, allow_none=True)
+        if not isinstance(self.router_jitter_noise, (int, float)) or not 0 <= self.router_jitter_noise < 1:
+            problems.append(f"router_jitter_noise must be in [0, 1), got {self.router_jitter_noise!r}")
+        if not isinstance(self.router_aux_loss_coef, (int, float)) or self.router_aux_loss_coef < 0:
+            problems.append(f"router_aux_loss_coef must be a number >= 0, got {self.router_aux_loss_coef!r}")
+        self._finish(problems)
+
+
+class ExpertChoiceMoeConfig(MoeConfigMixin, PreTrainedConfig):
+    r"""Expert-choice MoE (Zhou et al. 2022): each expert takes its top-C tokens of a sequence.
+
+    Args:
+        text_config, num_experts, moe_layers, router_z_loss_coef, expert_dropout, router_init_std,
+        output_router_logits: as in [`SwitchMoeConfig`].
+        capacity_factor: c of the paper; each expert takes ``C = round(c * seq_len / num_experts)``
+            tokens of each sequence (default 2.0, Zhou et al. eq. 1).
+        inference_routing: routing outside training. ``"expert_choice"``: as in training (looks at the
+            whole sequence; exact for scoring whole sequences and classification, not causal).
+            ``"threshold"``: a token goes to every expert whose learned score threshold it passes
+            (causal and batch-invariant; for generation). ``None`` (default) picks ``"threshold"``
+            for causal LM and ``"expert_choice"`` for the base model and sequence classification.
+        threshold_ema_decay: decay of the running estimate of each expert's C-th largest score,
+            updated in every training step.
+    """
+
+    model_type = "expert_choice_moe"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    text_config: dict | PreTrainedConfig | None = None
+    num_experts: int = 8
+    moe_layers: list[int] | str = "every_other"
+    capacity_factor: float = 2.0
+    inference_routing: str | None = None
+    threshold_ema_decay: float = 0.99
+    router_z_loss_coef: float = 1e-3
+    expert_dropout: float = 0.0
+    router_init_std: float = 0.02
+    output_router_logits: bool = False
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+        problems = self._moe_problems()
+        problems += _check_capacity("capacity_factor", self.capacity_factor, allow_none=False)
+        if self.inference_routing is not None and self.inference_routing not in INFERENCE_ROUTINGS:
+            problems.append(
+                f"inference_routing must be one of {list(INFERENCE_ROUTINGS)} or None, got {self.inference_routing!r}"
+            )
+        if not isinstance(self.threshold_ema_decay, (int, float)) or not 0 <= self.threshold_ema_decay < 1:
+            problems.append(f"threshold_ema_decay must be in [0, 1), got {self.threshold_ema_decay!r}")
+        self._finish(problems)

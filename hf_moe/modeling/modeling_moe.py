@@ -1,0 +1,310 @@
+"""Switch and Expert-Choice MoE models: a dense transformers decoder with sparse MoE blocks.
+
+Each model builds the dense model of its head from ``config.text_config`` with the matching Auto
+class (attention, RoPE, norms, caches and generation stay the backbone's own code), then replaces
+the feed-forward block of every layer in ``config.moe_layers`` by a `MoeBlock`:
+
+    hidden (B, S, H) -> router (float32) -> sparse assignments (token, expert, weight)
+                     -> sort by expert -> experts = the dense MLP with grouped matmuls
+                     -> weight and scatter-add back to (B, S, H)
+
+This folder is copied next to saved checkpoints for ``trust_remote_code``: relative imports only,
+and no ``isinstance`` against our own config classes (they are loaded twice).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import transformers.initialization as init
+from torch import nn
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    GenerationMixin,
+    PreTrainedModel,
+)
+from transformers.utils import ModelOutput
+
+from .configuration_moe import ExpertChoiceMoeConfig, SwitchMoeConfig
+from .experts import ExpertLayout, GroupedLinear, make_experts
+from .routing import ExpertChoiceRouter, RoutingRecord, TokenChoiceRouter
+
+LAYER_LIST_NAMES = ("layers", "h", "blocks")
+FEED_FORWARD_NAMES = ("mlp", "feed_forward", "ffn")
+
+
+def find_feed_forward_blocks(model: nn.Module, text_config) -> dict[int, str]:
+    """Qualified names of each decoder layer's feed-forward block, by layer index.
+
+    Looks for a ModuleList named one of LAYER_LIST_NAMES with num_hidden_layers entries, and in
+    each layer a child named one of FEED_FORWARD_NAMES.
+    """
+    num_layers = text_config.num_hidden_layers
+    for list_name, module in model.named_modules():
+        if list_name.rpartition(".")[2] in LAYER_LIST_NAMES and isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            blocks = {}
+            for index, layer in enumerate(module):
+                name = next((n for n in FEED_FORWARD_NAMES if isinstance(getattr(layer, n, None), nn.Module)), None)
+                if name is None:
+                    break
+                blocks[index] = f"{list_name}.{index}.{name}"
+            else:
+                return blocks
+    raise ValueError(
+        f"Cannot find the feed-forward blocks of model_type {text_config.model_type!r}: looked for a ModuleList named "
+        f"one of {list(LAYER_LIST_NAMES)} with {num_layers} layers, each with a child named one of {list(FEED_FORWARD_NAMES)}"
+    )
+
+
+class MoeBlock(nn.Module):
+    """Router, then the experts on tokens sorted by expert, then a weighted scatter-add.
+
+    Tokens without a kept assignment (over capacity, or not picked by any expert) get MoE output
+    exactly 0 and continue through the residual connection (Switch §2.2).
+    """
+
+    def __init__(self, router: nn.Module, experts: nn.Module, layout: ExpertLayout):
+        super().__init__()
+        self.router = router
+        self.experts = experts
+        self.layout = layout
+        # Set by the model before each forward: (batch, seq) bool, False on padding. Kept (not
+        # cleared) so activation-checkpoint recomputation routes exactly as the forward did.
+        self.token_mask: torch.Tensor | None = None
+        # The routing of the latest call, read by the model for losses and statistics.
+        self.last_routing: RoutingRecord | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        hidden = hidden_states.reshape(-1, shape[-2], shape[-1]) if hidden_states.dim() != 2 else hidden_states[None]
+        batch, seq_len, hidden_size = hidden.shape
+        token_mask = self._token_mask(batch, seq_len, hidden.device)
+        record = self.router(hidden, token_mask)
+        self.last_routing = record
+        assigned = record.assignments
+
+        # Dispatch: group the token-expert pairs by expert.
+        order = torch.argsort(assigned.expert_idx, stable=True)
+        token_idx = assigned.token_idx[order]  # (pairs,)
+        expert_idx = assigned.expert_idx[order]
+        counts = torch.bincount(assigned.expert_idx, minlength=self.router.num_experts)
+        self.layout.offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        self.layout.expert_ids = expert_idx
+        flat = hidden.reshape(batch * seq_len, hidden_size)
+        expert_out = self.experts(flat[token_idx])  # (pairs, hidden)
+
+        # Combine: weight each pair and add it back to its token; unassigned tokens stay 0.
+        weighted = expert_out * assigned.weight[order].to(expert_out.dtype)[:, None]
+        out = torch.zeros_like(flat).index_add_(0, token_idx, weighted)
+        return out.view(shape)
+
+    def _token_mask(self, batch: int, seq_len: int, device) -> torch.Tensor:
+        mask = self.token_mask
+        if mask is None or mask.shape[0] != batch or mask.shape[1] < seq_len:
+            return torch.ones(batch, seq_len, dtype=torch.bool, device=device)
+        return mask[:, -seq_len:]  # with a KV cache the mask also covers past tokens
+
+
+@dataclass
+class MoeModelOutput(ModelOutput):
+    """Outputs of every hf_moe head.
+
+    Args:
+        loss: task loss plus ``router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss`` when labels are given.
+        aux_loss: load-balancing loss (Switch eq. 4), mean over MoE layers; None for expert choice.
+        z_loss: router z-loss (ST-MoE eq. 5), mean over MoE layers.
+        expert_load: (moe_layers, experts) fraction of the computed token-expert pairs each expert got.
+        dropped_fraction: (moe_layers,) fraction of (non-padding) tokens no expert processed.
+        router_logits: per MoE layer (tokens, experts) float32, when ``output_router_logits``.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    expert_load: torch.Tensor | None = None
+    dropped_fraction: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+
+
+def load_balancing_loss(record: RoutingRecord, token_mask: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch eq. 4-6: L_B = E * sum_i f_i * P_i over non-padding tokens.
+
+    f_i is the fraction of the token-choice picks (all k per token, before capacity) that went to
+    expert i and P_i the mean router probability of expert i, so L_B = 1 at perfect balance for
+    every k (conventions that give k at balance multiply by k).
+    """
+    probs = record.router_logits[token_mask].softmax(dim=-1)  # (valid tokens, experts)
+    picks = record.top_experts[token_mask].flatten()
+    fraction = torch.bincount(picks, minlength=num_experts).to(probs.dtype) / max(picks.numel(), 1)
+    return num_experts * (fraction * probs.mean(dim=0)).sum()
+
+
+def router_z_loss(record: RoutingRecord, token_mask: torch.Tensor) -> torch.Tensor:
+    """ST-MoE eq. 5: mean over non-padding tokens of (logsumexp_j h_j)^2."""
+    return record.router_logits[token_mask].logsumexp(dim=-1).square().mean()
+
+
+class MoePreTrainedModel(PreTrainedModel):
+    """Shared wiring: build the dense model, swap in MoE blocks, collect losses and statistics."""
+
+    base_model_prefix = "backbone"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    # Which Auto class builds the dense model of this head.
+    dense_auto_class = AutoModel
+    # Expert choice outside training; None for token choice.
+    default_inference_routing: str | None = None
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.backbone = self.dense_auto_class.from_config(config.text_config)
+        blocks = find_feed_forward_blocks(self.backbone, config.text_config)
+        hidden_size = config.text_config.hidden_size
+        for index in config.moe_layers:
+            parent_name, _, child = blocks[index].rpartition(".")
+            parent = self.backbone.get_submodule(parent_name)
+            dense_mlp = getattr(parent, child)
+            weight = next(dense_mlp.parameters())
+            layout = ExpertLayout()
+            experts = make_experts(
+                dense_mlp, config.num_experts, hidden_size, config.expert_dropout, layout, config.text_config.model_type
+            )
+            setattr(parent, child, MoeBlock(self._make_router(hidden_size, weight), experts, layout))
+        self.post_init()
+
+    def _make_router(self, hidden_size: int, weight: torch.Tensor) -> nn.Module:
+        if self.config.model_type == "switch_moe":
+            return TokenChoiceRouter(hidden_size, self.config, dtype=weight.dtype, device=weight.device)
+        inference_routing = self.config.inference_routing or self.default_inference_routing
+        return ExpertChoiceRouter(hidden_size, self.config, inference_routing, dtype=weight.dtype, device=weight.device)
+
+    def moe_blocks(self) -> list[MoeBlock]:
+        return [m for m in self.modules() if isinstance(m, MoeBlock)]
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        # transformers initialises the dense modules; it does not know the stacked expert weights
+        # and routers. The `init` functions skip tensors that were loaded from a checkpoint.
+        super().initialize_weights()
+        with init.guard_torch_init_functions():
+            for module in self.modules():
+                if isinstance(module, GroupedLinear):
+                    module.reset_parameters(init)
+                elif isinstance(module, (TokenChoiceRouter, ExpertChoiceRouter)):
+                    init.normal_(module.weight, mean=0.0, std=self.config.router_init_std)
+                    if isinstance(module, ExpertChoiceRouter):
+                        init.zeros_(module.score_thresholds)
+                        init.zeros_(module.threshold_updates)
+
+    def _run_backbone(self, attention_mask, output_router_logits, **kwargs):
+        token_mask = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
+        blocks = self.moe_blocks()
+        for block in blocks:
+            block.token_mask = token_mask
+        outputs = self.backbone(attention_mask=attention_mask, **kwargs)
+        records = [block.last_routing for block in blocks]
+        for block in blocks:
+            block.last_routing = None
+
+        tokens = records[0].router_logits.shape[0]
+        valid = torch.ones(tokens, dtype=torch.bool, device=records[0].router_logits.device)
+        if token_mask is not None and token_mask.numel() >= tokens:
+            valid = token_mask[:, -(tokens // token_mask.shape[0]):].reshape(-1)
+        is_switch = self.config.model_type == "switch_moe"
+        num_experts = self.config.num_experts
+        z_loss = torch.stack([router_z_loss(r, valid) for r in records]).mean()
+        aux_loss = torch.stack([load_balancing_loss(r, valid, num_experts) for r in records]).mean() if is_switch else None
+        expert_load, dropped = [], []
+        for r in records:
+            counts = torch.bincount(r.assignments.expert_idx, minlength=num_experts).float()
+            expert_load.append(counts / counts.sum().clamp(min=1))
+            processed = torch.zeros(tokens, dtype=torch.bool, device=valid.device)
+            processed[r.assignments.token_idx] = True
+            dropped.append(1.0 - processed[valid].float().mean())
+        if self.training and not is_switch:
+            for block, record in zip(blocks, records):
+                block.router.update_thresholds(record.capacity_scores)
+
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        extras = {
+            "aux_loss": aux_loss,
+            "z_loss": z_loss,
+            "expert_load": torch.stack(expert_load),
+            "dropped_fraction": torch.stack(dropped),
+            "router_logits": tuple(r.router_logits for r in records) if output_router_logits else None,
+        }
+        return outputs, extras
+
+    def _routing_loss(self, extras) -> torch.Tensor:
+        loss = self.config.router_z_loss_coef * extras["z_loss"]
+        if extras["aux_loss"] is not None:
+            loss = loss + self.config.router_aux_loss_coef * extras["aux_loss"]
+        return loss
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, output_router_logits=None, **kwargs) -> MoeModelOutput:
+        if labels is not None:
+            kwargs["labels"] = labels
+        outputs, extras = self._run_backbone(attention_mask, output_router_logits, input_ids=input_ids, **kwargs)
+        loss = outputs.get("loss")
+        if loss is not None:
+            loss = loss + self._routing_loss(extras)
+        fields = {k: v for k, v in outputs.items() if k != "loss"}
+        return MoeModelOutput(loss=loss, **fields, **extras)
+
+
+class SwitchMoePreTrainedModel(MoePreTrainedModel):
+    config_class = SwitchMoeConfig
+
+
+class SwitchMoeModel(SwitchMoePreTrainedModel):
+    """Token-choice MoE decoder without a head (AutoModel)."""
+
+
+class SwitchMoeForCausalLM(SwitchMoePreTrainedModel, GenerationMixin):
+    """Token-choice MoE causal LM (AutoModelForCausalLM)."""
+
+    dense_auto_class = AutoModelForCausalLM
+
+
+class SwitchMoeForSequenceClassification(SwitchMoePreTrainedModel):
+    """Token-choice MoE sequence classifier (AutoModelForSequenceClassification)."""
+
+    dense_auto_class = AutoModelForSequenceClassification
+
+
+class ExpertChoiceMoePreTrainedModel(MoePreTrainedModel):
+    config_class = ExpertChoiceMoeConfig
+    default_inference_routing = "expert_choice"
+
+
+class ExpertChoiceMoeModel(ExpertChoiceMoePreTrainedModel):
+    """Expert-choice MoE decoder without a head (AutoModel); see `ExpertChoiceRouter` on causality."""
+
+
+class ExpertChoiceMoeForCausalLM(ExpertChoiceMoePreTrainedModel, GenerationMixin):
+    """Expert-choice MoE causal LM (AutoModelForCausalLM).
+
+    Expert choice is not causal (`ExpertChoiceRouter`). Training always uses expert choice;
+    outside training this head defaults to ``inference_routing="threshold"``, which is causal,
+    so cached generation equals full forwards. Set ``"expert_choice"`` to score whole sequences
+    exactly as in training.
+    """
+
+    dense_auto_class = AutoModelForCausalLM
+    default_inference_routing = "threshold"
+
+
+class ExpertChoiceMoeForSequenceClassification(ExpertChoiceMoePreTrainedModel):
+    """Expert-choice MoE sequence classifier (AutoModelForSequenceClassification)."""
+
+    dense_auto_class = AutoModelForSequenceClassification
