@@ -187,6 +187,19 @@ class MoePreTrainedModel(PreTrainedModel):
         inference_routing = self.config.inference_routing or self.default_inference_routing
         return ExpertChoiceRouter(hidden_size, self.config, inference_routing, dtype=weight.dtype, device=weight.device)
 
+    # Embeddings belong to the backbone (resizing, tying and PEFT go through these).
+    def get_input_embeddings(self):
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.backbone.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.backbone.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.backbone.set_output_embeddings(value)
+
     def moe_blocks(self) -> list[MoeBlock]:
         return [m for m in self.modules() if isinstance(m, MoeBlock)]
 

@@ -1,0 +1,154 @@
+"""The MoE block and its routers in isolation: dispatch, capacity, dropping, jitter, dropout."""
+
+import math
+
+import pytest
+import torch
+from backbones import dense_config
+from transformers import AutoModelForCausalLM
+
+import hf_moe
+from hf_moe.modeling.routing import fill_capacity_in_token_order
+
+
+def switch_model(**overrides):
+    config = hf_moe.SwitchMoeConfig(text_config=dense_config("llama"), num_experts=4, moe_layers=[1], **overrides)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def first_block(model) -> hf_moe.MoeBlock:
+    return model.moe_blocks()[0]
+
+
+def test_capacity_is_filled_in_token_order():
+    # (sequences, seq_len, k): picks of two sequences, top-2
+    picks = torch.randint(0, 3, (2, 9, 2))
+    keep = fill_capacity_in_token_order(picks, num_experts=3, capacity=3)
+    for seq in range(2):
+        used = [0, 0, 0]
+        for token in range(9):
+            for choice in range(2):
+                expert = picks[seq, token, choice].item()
+                assert keep[seq, token, choice].item() == (used[expert] < 3)
+                used[expert] += 1
+
+
+def test_dropped_tokens_get_exactly_zero_output_and_kept_tokens_do_not():
+    model = switch_model(capacity_factor=0.5).train()
+    block = first_block(model)
+    hidden = torch.randn(2, 16, 32)
+    out = block(hidden)
+    record = block.last_routing
+    capacity = math.ceil(0.5 * 16 * 1 / 4)
+    assert block.router.capacity(16) == capacity
+    processed = torch.zeros(32, dtype=torch.bool)
+    processed[record.assignments.token_idx] = True
+    assert 0 < processed.sum() < 32  # some tokens dropped, some kept
+    rows = out.view(32, 32)
+    assert (rows[~processed] == 0).all()
+    assert (rows[processed].abs().sum(-1) > 0).all()
+    per_expert = torch.bincount(record.assignments.expert_idx + 4 * (record.assignments.token_idx // 16), minlength=8)
+    assert per_expert.max() <= capacity
+
+
+def test_evaluation_is_dropless_unless_eval_capacity_factor_is_set():
+    hidden = torch.randn(2, 16, 32)
+    model = switch_model(capacity_factor=0.5).eval()
+    first_block(model)(hidden)
+    assert first_block(model).last_routing.assignments.token_idx.numel() == 32
+    model = switch_model(capacity_factor=None, eval_capacity_factor=0.5).eval()
+    first_block(model)(hidden)
+    assert first_block(model).last_routing.assignments.token_idx.numel() < 32
+
+
+def test_padding_tokens_get_no_assignment_and_take_no_capacity():
+    model = switch_model(capacity_factor=1.0).train()
+    block = first_block(model)
+    hidden = torch.randn(1, 12, 32)
+    mask = torch.ones(1, 12, dtype=torch.bool)
+    mask[0, :4] = False  # left padding would otherwise fill the capacity first
+    block.token_mask = mask
+    block(hidden)
+    token_idx = block.last_routing.assignments.token_idx
+    assert token_idx.min() >= 4
+    ranks = fill_capacity_in_token_order(block.last_routing.top_experts[4:].view(1, 8, 1), 4, block.router.capacity(12))
+    assert token_idx.numel() == ranks.sum()
+
+
+def test_top1_without_renormalisation_scales_the_expert_output_by_the_gate():
+    # Switch eq. 2: y = p_max(x) * E(x); with equal experts, y = p_max(x) * F(x) (REFERENCE.md).
+    model = switch_model(capacity_factor=None).eval()
+    block = first_block(model)
+    dense = AutoModelForCausalLM.from_config(dense_config("llama")).model.layers[1].mlp
+    for name, param in dense.named_parameters():
+        block.experts.get_parameter(name).data.copy_(param.data.expand_as(block.experts.get_parameter(name)))
+    hidden = torch.randn(2, 8, 32)
+    gate = (hidden @ block.router.weight.T).softmax(-1).max(-1).values
+    torch.testing.assert_close(block(hidden), gate[..., None] * dense(hidden), rtol=1e-5, atol=1e-6)
+    assert gate.max() < 0.5  # a raw top-1 gate near 1/E: this is not the dense function
+
+
+def test_jitter_multiplies_only_the_router_input_and_only_in_training():
+    model = switch_model(router_jitter_noise=0.2, capacity_factor=None)
+    block = first_block(model)
+    seen = []
+    block.experts.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    hidden = torch.randn(1, 8, 32)
+    plain_logits = hidden.view(8, 32) @ block.router.weight.T
+
+    model.train()
+    block(hidden)
+    record = block.last_routing
+    assert not torch.allclose(record.router_logits, plain_logits)  # the router saw jittered input
+    torch.testing.assert_close(seen[-1], hidden.view(8, 32)[record.assignments.token_idx[record.assignments.expert_idx.argsort(stable=True)]])
+
+    model.eval()
+    block(hidden)
+    torch.testing.assert_close(block.last_routing.router_logits, plain_logits)
+
+
+def test_expert_dropout_acts_on_the_output_projection_input_in_training_only():
+    model = switch_model(expert_dropout=0.5, capacity_factor=None)
+    block = first_block(model)
+    assert block.experts.down_proj.input_dropout.p == 0.5
+    assert block.experts.gate_proj.input_dropout is None and block.experts.up_proj.input_dropout is None
+    hidden = torch.randn(1, 8, 32)
+    model.eval()
+    first, second = block(hidden), block(hidden)
+    assert torch.equal(first, second)
+    reference = switch_model(expert_dropout=0.0, capacity_factor=None).eval()
+    reference.load_state_dict(model.state_dict())
+    assert torch.equal(first_block(reference)(hidden), first)
+    model.train()
+    assert not torch.allclose(block(hidden), first)
+
+
+def test_router_initialisation_and_expert_initialisation_follow_the_papers():
+    model = switch_model(num_experts_per_tok=1, router_init_std=0.02)
+    config = dense_config("llama")
+    routers = torch.cat([b.router.weight.flatten() for b in model.moe_blocks()])
+    assert abs(routers.std().item() - 0.02) < 0.004
+    gate = first_block(model).experts.gate_proj.weight  # (E, I, H): fan_in = hidden
+    std = math.sqrt(0.1 / config.hidden_size)
+    assert gate.shape == (4, config.intermediate_size, config.hidden_size)
+    assert gate.abs().max() <= 2 * std + 1e-6  # truncated at 2 std
+    assert 0.7 * std < gate.std() < std  # a normal truncated at 2 std has std 0.88 sigma
+    assert not torch.equal(gate[0], gate[1])
+
+
+@pytest.mark.parametrize("seq_len", [7, 16])
+def test_expert_choice_each_expert_takes_its_top_c_tokens_per_sequence(seq_len):
+    config = hf_moe.ExpertChoiceMoeConfig(text_config=dense_config("llama"), num_experts=4, moe_layers=[1], capacity_factor=2.0)
+    block = first_block(AutoModelForCausalLM.from_config(config).train())
+    hidden = torch.randn(3, seq_len, 32)
+    block(hidden)
+    record = block.last_routing
+    capacity = round(2.0 * seq_len / 4)
+    scores = record.router_logits.softmax(-1).view(3, seq_len, 4)
+    assigned = record.assignments
+    for seq in range(3):
+        for expert in range(4):
+            chosen = assigned.token_idx[(assigned.expert_idx == expert) & (assigned.token_idx // seq_len == seq)] % seq_len
+            expected = scores[seq, :, expert].topk(capacity).indices
+            assert set(chosen.tolist()) == set(expected.tolist())
+    torch.testing.assert_close(assigned.weight, scores.view(-1, 4)[assigned.token_idx, assigned.expert_idx])
