@@ -29,8 +29,24 @@ def resolve_moe_layers(moe_layers, num_hidden_layers: int) -> list[int]:
     return sorted(moe_layers)
 
 
-class MoeConfigMixin:
-    """Validation shared by both configurations; every problem is reported at once."""
+class MoeConfig(PreTrainedConfig):
+    """Fields and validation shared by both architectures; every problem is reported at once."""
+
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    text_config: dict | PreTrainedConfig | None = None
+    num_experts: int = 8
+    moe_layers: list[int] | str = "every_other"
+    router_z_loss_coef: float = 1e-3
+    expert_dropout: float = 0.0
+    router_init_std: float = 0.02
+    output_router_logits: bool = False
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # The nested decoder owns embedding tying; mirror it so the outer model reports it too.
+        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
 
     def _moe_problems(self) -> list[str]:
         problems = []
@@ -76,7 +92,7 @@ def _check_capacity(name: str, value, allow_none: bool) -> list[str]:
     return []
 
 
-class SwitchMoeConfig(MoeConfigMixin, PreTrainedConfig):
+class SwitchMoeConfig(MoeConfig):
     r"""Token-choice MoE (Switch Transformer when ``num_experts_per_tok=1``; top-k otherwise).
 
     Args:
@@ -100,27 +116,16 @@ class SwitchMoeConfig(MoeConfigMixin, PreTrainedConfig):
     """
 
     model_type = "switch_moe"
-    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
 
-    text_config: dict | PreTrainedConfig | None = None
-    num_experts: int = 8
-    moe_layers: list[int] | str = "every_other"
     num_experts_per_tok: int = 1
     norm_topk_prob: bool = False
     capacity_factor: float | None = 1.25
     eval_capacity_factor: float | None = None
     router_jitter_noise: float = 0.0
     router_aux_loss_coef: float = 1e-2
-    router_z_loss_coef: float = 1e-3
-    expert_dropout: float = 0.0
-    router_init_std: float = 0.02
-    output_router_logits: bool = False
-    tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        # The nested decoder owns embedding tying; mirror it so the outer model reports it too.
-        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
         problems = self._moe_problems()
         k = self.num_experts_per_tok
         if not isinstance(k, int) or isinstance(self.num_experts, int) and not 1 <= k <= self.num_experts:
@@ -136,7 +141,7 @@ class SwitchMoeConfig(MoeConfigMixin, PreTrainedConfig):
         self._finish(problems)
 
 
-class ExpertChoiceMoeConfig(MoeConfigMixin, PreTrainedConfig):
+class ExpertChoiceMoeConfig(MoeConfig):
     r"""Expert-choice MoE (Zhou et al. 2022): each expert takes its top-C tokens of a sequence.
 
     Args:
@@ -154,23 +159,13 @@ class ExpertChoiceMoeConfig(MoeConfigMixin, PreTrainedConfig):
     """
 
     model_type = "expert_choice_moe"
-    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
 
-    text_config: dict | PreTrainedConfig | None = None
-    num_experts: int = 8
-    moe_layers: list[int] | str = "every_other"
     capacity_factor: float = 2.0
     inference_routing: str | None = None
     threshold_ema_decay: float = 0.99
-    router_z_loss_coef: float = 1e-3
-    expert_dropout: float = 0.0
-    router_init_std: float = 0.02
-    output_router_logits: bool = False
-    tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
         problems = self._moe_problems()
         problems += _check_capacity("capacity_factor", self.capacity_factor, allow_none=False)
         if self.inference_routing is not None and self.inference_routing not in INFERENCE_ROUTINGS:

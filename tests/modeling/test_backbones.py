@@ -3,7 +3,7 @@ implementations, gradient checkpointing and bfloat16."""
 
 import pytest
 import torch
-from backbones import BACKBONES, VOCAB, dense_config
+from backbones import BACKBONES, VOCAB, dense_config, learn_thresholds
 from transformers import AutoModelForCausalLM
 
 import hf_moe
@@ -13,7 +13,9 @@ ARCHITECTURES = {"switch": hf_moe.SwitchMoeConfig, "expert_choice": hf_moe.Exper
 
 def moe_config(model_type, routing, **overrides):
     text_overrides = overrides.pop("text", {})
-    return ARCHITECTURES[routing](text_config=dense_config(model_type, **text_overrides), num_experts=4, moe_layers=[1, 3], **overrides)
+    return ARCHITECTURES[routing](
+        text_config=dense_config(model_type, **text_overrides), num_experts=4, moe_layers=[1, 3], **overrides
+    )
 
 
 def batch(seq_len=10):
@@ -36,7 +38,9 @@ def test_save_load_round_trip(model_type, routing, tmp_path):
     loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert type(loaded) is type(model)
     assert info["missing_keys"] == set() and info["unexpected_keys"] == set() and not info["mismatched_keys"]
-    torch.testing.assert_close(loaded.eval()(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        loaded.eval()(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits, rtol=0, atol=1e-6
+    )
     if model.config.text_config.tie_word_embeddings:
         assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
 
@@ -47,7 +51,7 @@ def test_cached_greedy_generation_equals_full_forwards(model_type, routing):
     # Expert choice generates in its causal threshold mode, the default of the causal-LM head.
     model = AutoModelForCausalLM.from_config(moe_config(model_type, routing)).eval()
     if routing == "expert_choice":
-        _train_thresholds(model)
+        learn_thresholds(model)
     model.generation_config.eos_token_id = None  # compare all 6 steps, even past an end-of-text pick
     prompt = torch.randint(3, VOCAB, (1, 5))
     generated = model.generate(prompt, max_new_tokens=6, do_sample=False)
@@ -113,13 +117,3 @@ def test_bfloat16_forward_backward_routes_in_float32(model_type, routing):
     out.loss.backward()
     router_grads = [b.router.weight.grad for b in model.moe_blocks()]
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in router_grads)
-
-
-def _train_thresholds(model):
-    """A few training forwards so the expert-choice score thresholds are learned, not zero."""
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randint(3, VOCAB, (4, 12)))
-    model.eval()
-    assert all((b.router.score_thresholds > 0).all() for b in model.moe_blocks())

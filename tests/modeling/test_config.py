@@ -25,7 +25,9 @@ def test_expert_choice_defaults_follow_the_paper():
     assert not hasattr(config, "router_aux_loss_coef")  # no balancing loss needed (Zhou et al.)
 
 
-@pytest.mark.parametrize("shorthand, expected", [("all", [0, 1, 2, 3]), ("every_other", [1, 3]), ("last_half", [2, 3]), ([3, 0], [0, 3])])
+@pytest.mark.parametrize(
+    "shorthand, expected", [("all", [0, 1, 2, 3]), ("every_other", [1, 3]), ("last_half", [2, 3]), ([3, 0], [0, 3])]
+)
 def test_moe_layers_shorthands_resolve_to_indices(shorthand, expected):
     assert hf_moe.SwitchMoeConfig(text_config=dense_config("llama"), moe_layers=shorthand).moe_layers == expected
 
@@ -33,7 +35,9 @@ def test_moe_layers_shorthands_resolve_to_indices(shorthand, expected):
 @pytest.mark.parametrize("config_class", [hf_moe.SwitchMoeConfig, hf_moe.ExpertChoiceMoeConfig])
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma3_text"])
 def test_json_round_trip_is_exact(config_class, model_type, tmp_path):
-    config = config_class(text_config=dense_config(model_type).to_dict(), num_experts=6, moe_layers=[0, 2], expert_dropout=0.4)
+    config = config_class(
+        text_config=dense_config(model_type).to_dict(), num_experts=6, moe_layers=[0, 2], expert_dropout=0.4
+    )
     assert config.text_config.model_type == model_type
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
@@ -48,9 +52,15 @@ def test_json_round_trip_is_exact(config_class, model_type, tmp_path):
 
 SWITCH_ERRORS = [
     ({"num_experts": 0}, "num_experts must be an integer >= 1, got 0"),
-    ({"num_experts": 4, "num_experts_per_tok": 12}, r"num_experts_per_tok must be between 1 and num_experts \(4\), got 12"),
+    (
+        {"num_experts": 4, "num_experts_per_tok": 12},
+        r"num_experts_per_tok must be between 1 and num_experts \(4\), got 12",
+    ),
     ({"moe_layers": [0, 9]}, r"moe_layers must be between 0 and 3 \(num_hidden_layers=4\), got \[9\]"),
-    ({"moe_layers": "odd"}, r"moe_layers must be a list of layer indices or one of \['all', 'every_other', 'last_half'\], got 'odd'"),
+    (
+        {"moe_layers": "odd"},
+        r"moe_layers must be a list of layer indices or one of \['all', 'every_other', 'last_half'\], got 'odd'",
+    ),
     ({"moe_layers": [1, 1]}, r"moe_layers must not repeat a layer, got \[1, 1\]"),
     ({"moe_layers": []}, r"moe_layers must name at least one layer, got \[\]"),
     ({"moe_layers": [1.5]}, r"moe_layers must be a list of integer layer indices, got \[1.5\]"),
@@ -75,7 +85,10 @@ def test_switch_validation_names_the_field_the_allowed_values_and_the_value(over
     "overrides, message",
     [
         ({"capacity_factor": None}, "capacity_factor must be a number > 0, got None"),
-        ({"inference_routing": "causal"}, r"inference_routing must be one of \['expert_choice', 'threshold'\] or None, got 'causal'"),
+        (
+            {"inference_routing": "causal"},
+            r"inference_routing must be one of \['expert_choice', 'threshold'\] or None, got 'causal'",
+        ),
         ({"threshold_ema_decay": 1.0}, r"threshold_ema_decay must be in \[0, 1\), got 1.0"),
         ({"num_experts": -2}, "num_experts must be an integer >= 1, got -2"),
     ],
@@ -87,7 +100,9 @@ def test_expert_choice_validation_messages(overrides, message):
 
 def test_every_problem_is_reported_at_once():
     with pytest.raises(ValueError) as error:
-        hf_moe.SwitchMoeConfig(text_config=dense_config("llama"), num_experts=4, num_experts_per_tok=5, moe_layers=[7], expert_dropout=2)
+        hf_moe.SwitchMoeConfig(
+            text_config=dense_config("llama"), num_experts=4, num_experts_per_tok=5, moe_layers=[7], expert_dropout=2
+        )
     message = str(error.value)
     assert message.startswith("Invalid SwitchMoeConfig:")
     for field in ("num_experts_per_tok", "moe_layers", "expert_dropout"):

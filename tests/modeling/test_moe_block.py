@@ -100,7 +100,9 @@ def test_jitter_multiplies_only_the_router_input_and_only_in_training():
     block(hidden)
     record = block.last_routing
     assert not torch.allclose(record.router_logits, plain_logits)  # the router saw jittered input
-    torch.testing.assert_close(seen[-1], hidden.view(8, 32)[record.assignments.token_idx[record.assignments.expert_idx.argsort(stable=True)]])
+    torch.testing.assert_close(
+        seen[-1], hidden.view(8, 32)[record.assignments.token_idx[record.assignments.expert_idx.argsort(stable=True)]]
+    )
 
     model.eval()
     block(hidden)
@@ -138,7 +140,9 @@ def test_router_initialisation_and_expert_initialisation_follow_the_papers():
 
 @pytest.mark.parametrize("seq_len", [7, 16])
 def test_expert_choice_each_expert_takes_its_top_c_tokens_per_sequence(seq_len):
-    config = hf_moe.ExpertChoiceMoeConfig(text_config=dense_config("llama"), num_experts=4, moe_layers=[1], capacity_factor=2.0)
+    config = hf_moe.ExpertChoiceMoeConfig(
+        text_config=dense_config("llama"), num_experts=4, moe_layers=[1], capacity_factor=2.0
+    )
     block = first_block(AutoModelForCausalLM.from_config(config).train())
     hidden = torch.randn(3, seq_len, 32)
     block(hidden)
@@ -148,7 +152,9 @@ def test_expert_choice_each_expert_takes_its_top_c_tokens_per_sequence(seq_len):
     assigned = record.assignments
     for seq in range(3):
         for expert in range(4):
-            chosen = assigned.token_idx[(assigned.expert_idx == expert) & (assigned.token_idx // seq_len == seq)] % seq_len
+            chosen = (
+                assigned.token_idx[(assigned.expert_idx == expert) & (assigned.token_idx // seq_len == seq)] % seq_len
+            )
             expected = scores[seq, :, expert].topk(capacity).indices
             assert set(chosen.tolist()) == set(expected.tolist())
     torch.testing.assert_close(assigned.weight, scores.view(-1, 4)[assigned.token_idx, assigned.expert_idx])

@@ -54,7 +54,11 @@ def test_saved_checkpoint_loads_with_remote_code_in_a_clean_process(config_class
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
     result = subprocess.run(
         [sys.executable, str(script), str(checkpoint), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = torch.load(tmp_path / "out.pt")

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from backbones import VOCAB, dense_config
+from backbones import VOCAB, dense_config, learn_thresholds
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import hf_moe
@@ -15,14 +15,6 @@ def causal_lm(routing="switch", model_type="llama", **overrides):
     overrides.setdefault("num_experts", 4)
     overrides.setdefault("moe_layers", [1, 3])
     return AutoModelForCausalLM.from_config(config_class(text_config=dense_config(model_type), **overrides))
-
-
-def learn_thresholds(model):
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randint(3, VOCAB, (4, 16)))
-    model.eval()
 
 
 def future_perturbed(ids, t):
@@ -186,7 +178,9 @@ def test_heads_choose_their_inference_routing():
     assert isinstance(classifier, hf_moe.ExpertChoiceMoeForSequenceClassification)
     assert classifier.moe_blocks()[0].router.inference_routing == "expert_choice"
     config.inference_routing = "threshold"
-    assert AutoModelForSequenceClassification.from_config(config).moe_blocks()[0].router.inference_routing == "threshold"
+    assert (
+        AutoModelForSequenceClassification.from_config(config).moe_blocks()[0].router.inference_routing == "threshold"
+    )
 
 
 @pytest.mark.parametrize("routing", ["switch", "expert_choice"])
@@ -223,3 +217,13 @@ def test_a_backbone_without_a_findable_feed_forward_block_is_named():
     config = hf_moe.SwitchMoeConfig(text_config=mamba, num_experts=2, moe_layers="all")
     with pytest.raises(ValueError, match=r"model_type 'mamba'.*\['mlp', 'feed_forward', 'ffn'\]"):
         AutoModelForCausalLM.from_config(config)
+
+
+def test_return_dict_false_gives_the_same_values_as_a_tuple():
+    model = causal_lm().eval()
+    ids = torch.randint(3, VOCAB, (2, 8))
+    as_tuple = model(ids, labels=ids, return_dict=False)
+    as_output = model(ids, labels=ids)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], as_output.loss)
+    torch.testing.assert_close(as_tuple[1], as_output.logits)
