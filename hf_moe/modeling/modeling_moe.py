@@ -264,15 +264,18 @@ class MoePreTrainedModel(PreTrainedModel):
             loss = loss + self.config.router_aux_loss_coef * extras["aux_loss"]
         return loss
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, output_router_logits=None, **kwargs) -> MoeModelOutput:
+    def forward(
+        self, input_ids=None, attention_mask=None, labels=None, output_router_logits=None, return_dict=None, **kwargs
+    ) -> MoeModelOutput | tuple:
         if labels is not None:
             kwargs["labels"] = labels
-        outputs, extras = self._run_backbone(attention_mask, output_router_logits, input_ids=input_ids, **kwargs)
+        outputs, extras = self._run_backbone(attention_mask, output_router_logits, input_ids=input_ids, return_dict=True, **kwargs)
         loss = outputs.get("loss")
         if loss is not None:
             loss = loss + self._routing_loss(extras)
         fields = {k: v for k, v in outputs.items() if k != "loss"}
-        return MoeModelOutput(loss=loss, **fields, **extras)
+        output = MoeModelOutput(loss=loss, **fields, **extras)
+        return output.to_tuple() if return_dict is False else output
 
 
 class SwitchMoePreTrainedModel(MoePreTrainedModel):
