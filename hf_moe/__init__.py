@@ -6,6 +6,7 @@ architectures with transformers' Auto classes.
 
 from .modeling import *  # noqa: F403
 from .modeling import __all__ as _modeling_all
+from .upcycling import upcycle_checkpoint, upcycle_model
 
 __version__ = "0.1.0"
-__all__ = list(_modeling_all)
+__all__ = [*_modeling_all, "upcycle_checkpoint", "upcycle_model"]

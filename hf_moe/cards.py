@@ -1,0 +1,115 @@
+"""Model cards: Jinja templates in the top-level ``model_cards/`` folder, rendered with strict fields.
+
+`render_model_card` is generic (any template, any fields); the YAML front matter comes from a
+`huggingface_hub.ModelCardData` passed as ``card_data`` and the result is parsed back with
+`huggingface_hub.ModelCard`, so a card that the Hub would reject fails here.
+"""
+
+from pathlib import Path
+
+import jinja2
+from huggingface_hub import ModelCard, ModelCardData
+
+TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "model_cards"
+
+
+def template_path(template_name: str) -> Path:
+    path = TEMPLATES_DIR / f"{template_name}.md"
+    if not path.is_file():
+        available = sorted(p.stem for p in TEMPLATES_DIR.glob("*.md")) if TEMPLATES_DIR.is_dir() else []
+        raise FileNotFoundError(f"No model card template {template_name!r} in {TEMPLATES_DIR}; available: {available}")
+    return path
+
+
+def render_model_card(template_name: str, **fields) -> str:
+    """Render ``model_cards/<template_name>.md``.
+
+    ``card_data`` (a `ModelCardData`) becomes the YAML front matter (``{{ card_data }}`` in the
+    template); every other field is a template variable. A variable the template uses but
+    ``fields`` lacks is an error, not an empty string.
+    """
+    card_data = fields.pop("card_data", None) or ModelCardData()
+    environment = jinja2.Environment(
+        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True
+    )
+    template = environment.from_string(template_path(template_name).read_text())
+    try:
+        text = template.render(card_data=card_data.to_yaml(), **fields)
+    except jinja2.UndefinedError as error:
+        raise ValueError(
+            f"Model card template {template_name!r} needs a field that was not given: {error.message}"
+        ) from None
+    return str(ModelCard(text))
+
+
+def format_count(count: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.2f}{unit}"
+    return str(int(count))
+
+
+def upcycled_model_card(plan, model_name: str) -> str:
+    """The card of an upcycled checkpoint (``model_cards/upcycled.md``) from its conversion plan."""
+    from .upcycling.weights import parameter_counts  # the card needs the plan's meta model
+
+    config = plan.config
+    upcycling = config.upcycling
+    text_config = config.text_config
+    is_switch = config.model_type == "switch_moe"
+    total, active = parameter_counts(plan)
+    if is_switch:
+        gates = "renormalised to sum 1" if config.norm_topk_prob else "raw softmax probability (Switch eq. 2)"
+        routing = f"token choice, top-{config.num_experts_per_tok} of {config.num_experts}, gates {gates}"
+        capacity = f"training capacity factor {config.capacity_factor}, evaluation " + (
+            "dropless" if config.eval_capacity_factor is None else f"capacity factor {config.eval_capacity_factor}"
+        )
+    else:
+        inference = config.inference_routing or plan.moe_class.default_inference_routing
+        routing = f"expert choice over {config.num_experts} experts, inference routing {inference!r}"
+        capacity = (
+            f"capacity factor {config.capacity_factor} (each expert takes round(c * seq_len / E) tokens of a sequence)"
+        )
+    init = {
+        "copy": "every expert is a copy of the dense MLP (sparse upcycling, Komatsuzaki et al. 2023)",
+        "noise": (
+            f"every expert is the dense MLP plus Gaussian noise of {upcycling.get('noise_std')} x "
+            "each weight matrix's std"
+        ),
+        "drop": (
+            "Drop-Upcycling (Nakamura et al. 2025): each expert re-initialises a random "
+            f"{upcycling.get('drop_ratio')} of its intermediate neurons (the same neurons in every projection) "
+            "from the statistics of the replaced weights"
+        ),
+    }[upcycling["expert_init"]]
+    base_model = upcycling["source"] if upcycling.get("revision") else None
+    card_data = ModelCardData(
+        base_model=base_model,
+        library_name="transformers",
+        tags=["moe", "upcycled", config.model_type, "hf_moe"],
+        pipeline_tag="text-generation" if plan.moe_class.__name__.endswith("ForCausalLM") else None,
+    )
+    verification = upcycling.get("verification")
+    return render_model_card(
+        "upcycled",
+        card_data=card_data,
+        model_name=model_name,
+        source=upcycling["source"],
+        revision=upcycling.get("revision"),
+        dense_model_type=text_config.model_type,
+        model_type=config.model_type,
+        model_class=plan.moe_class.__name__,
+        auto_class=plan.moe_class.dense_auto_class.__name__,
+        num_experts=config.num_experts,
+        routing=routing,
+        capacity=capacity,
+        moe_layers=", ".join(str(i) for i in config.moe_layers),
+        num_layers=text_config.num_hidden_layers,
+        total_params=format_count(total),
+        active_params=format_count(active),
+        expert_init=init,
+        router_init_std=config.router_init_std,
+        seed=upcycling["seed"],
+        dtype=upcycling.get("dtype") or "as the source",
+        verification=verification,
+    )

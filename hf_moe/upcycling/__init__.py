@@ -1,0 +1,22 @@
+"""Sparse upcycling: turn a dense transformers checkpoint into an hf_moe MoE checkpoint.
+
+`upcycle_model` converts an in-memory dense model; `upcycle_checkpoint` converts a checkpoint
+directory (or Hub id) by streaming tensors, with bounded memory. Both share the weight mapping
+and expert initialisation of `weights`.
+"""
+
+from .convert import upcycle_checkpoint, upcycle_model
+from .settings import EXPERT_INITS, ROUTINGS, UpcyclingSettings
+from .verify import VerificationError, VerificationReport
+from .weights import TESTED_MODEL_TYPES
+
+__all__ = [
+    "EXPERT_INITS",
+    "ROUTINGS",
+    "TESTED_MODEL_TYPES",
+    "UpcyclingSettings",
+    "VerificationError",
+    "VerificationReport",
+    "upcycle_checkpoint",
+    "upcycle_model",
+]

@@ -1,0 +1,366 @@
+"""Dense -> MoE tensor mapping and expert initialisation, shared by both conversion APIs.
+
+The mapping is read off meta-device models, never hard-coded: the dense model of the source's
+head and the MoE model of the same head are built on the meta device, and every MoE tensor is
+derived from the dense tensor with the same qualified name (``backbone.`` + dense name), where
+for each MoE layer the dense feed-forward block ``F`` became:
+
+- ``F.experts.<linear>.weight`` [E, *dense shape]: one copy of ``F.<linear>.weight`` per expert,
+  optionally perturbed (``noise``) or partially re-initialised (``drop``);
+- ``F.router.weight`` [E, hidden]: fresh N(0, router_init_std^2), seeded;
+- expert-choice buffers ``F.router.score_thresholds`` / ``threshold_updates``: zeros.
+
+All random draws use generators seeded from (seed, tensor name, expert), so the result does not
+depend on the order tensors are produced in: directory and in-memory conversion agree bit for bit.
+"""
+
+import hashlib
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import CONFIG_MAPPING, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from ..modeling import ARCHITECTURES, find_feed_forward_blocks
+from ..modeling.experts import GroupedLinear
+from .settings import UpcyclingSettings
+from .streaming import OutputTensor
+
+# Backbones the test-suite converts; any decoder whose feed-forward block `find_feed_forward_blocks`
+# finds and whose MLP is built from linear layers works the same way.
+TESTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "olmo2", "gpt2")
+HEADS = ("model", "causal_lm", "sequence_classification")
+DENSE_AUTO_CLASSES = (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification)
+BACKBONE_PREFIX = "backbone."
+
+
+def head_of(class_name: str) -> int:
+    """Index into HEADS of a dense architecture name (``config.architectures[0]`` or a class name)."""
+    if class_name.endswith("ForSequenceClassification"):
+        return 2
+    if class_name.endswith(("ForCausalLM", "LMHeadModel")):
+        return 1
+    if class_name.endswith("Model"):
+        return 0
+    raise ValueError(
+        f"Cannot upcycle architecture {class_name!r}: supported heads are *Model, *ForCausalLM (or *LMHeadModel) "
+        "and *ForSequenceClassification"
+    )
+
+
+def unsupported_architecture(model_type, reason: str) -> ValueError:
+    return ValueError(
+        f"Unknown architecture: cannot upcycle model_type {model_type!r} ({reason}). "
+        f"Supported (tested) model types: {list(TESTED_MODEL_TYPES)}; other transformers decoders whose "
+        "feed-forward block is a module named mlp/feed_forward/ffn built from linear layers also work"
+    )
+
+
+def check_model_type(model_type) -> None:
+    if model_type in ("switch_moe", "expert_choice_moe"):
+        raise ValueError(
+            f"The source is already an hf_moe model (model_type {model_type!r}); upcycle a dense checkpoint"
+        )
+    if model_type not in CONFIG_MAPPING:
+        raise unsupported_architecture(model_type, "transformers does not know it")
+
+
+@dataclass(frozen=True)
+class ExpertWeight:
+    """How one dense feed-forward tensor is indexed by intermediate neurons (for Drop-Upcycling).
+
+    A fused input projection (phi3 ``gate_up_proj``: rows [0, I) gate, [I, 2I) up) has
+    ``neuron_groups=2``: neuron j owns rows j and I + j. ``neuron_axis`` is None for tensors not
+    indexed by neurons (the output projection's bias).
+    """
+
+    layer: int
+    intermediate_size: int
+    neuron_axis: int | None
+    neuron_groups: int
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One tensor of the MoE checkpoint and where it comes from."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str  # "copy" | "experts" | "router" | "zeros"
+    dense_name: str | None = None  # copy / experts: the dense tensor; router: the block's output weight (for its dtype)
+    fixed_dtype: torch.dtype | None = None  # zeros: the buffer's own dtype
+    expert: ExpertWeight | None = None
+
+
+@dataclass
+class ConversionPlan:
+    """Everything the conversion needs to know, derived from meta-device models."""
+
+    config: object  # the MoE config
+    moe_class: type
+    tensors: list[TensorPlan]
+    dense_shapes: dict[str, tuple[int, ...]]  # every tensor the dense checkpoint must provide
+    dense_tied: set[str]  # dense names that are tied copies (absent from checkpoints)
+    dense_prefix: str  # base_model_prefix of the dense head model
+    dense_ignored: tuple[str, ...]  # regexes of dense checkpoint keys transformers ignores on load
+    feed_forward_blocks: dict[int, str]  # MoE layer -> dense qualified name of its feed-forward block
+    meta_dense: torch.nn.Module
+    meta_moe: torch.nn.Module
+
+
+def plan_conversion(moe_config, head: int) -> ConversionPlan:
+    """Build the dense and MoE models of ``head`` on the meta device and map every MoE tensor."""
+    text_config = moe_config.text_config
+    check_model_type(text_config.model_type)
+    moe_class = ARCHITECTURES[type(moe_config)][head]
+    with torch.device("meta"):
+        dense = DENSE_AUTO_CLASSES[head].from_config(text_config)
+        try:
+            blocks = find_feed_forward_blocks(dense, text_config)
+            moe = moe_class(moe_config)
+        except ValueError as error:
+            raise unsupported_architecture(text_config.model_type, str(error)) from None
+    dense_state = dense.state_dict()
+    dense_tied = set(getattr(dense, "all_tied_weights_keys", {}) or {})
+    moe_tied = set(getattr(moe, "all_tied_weights_keys", {}) or {})
+    moe_blocks = {index: blocks[index] for index in moe_config.moe_layers}
+    num_experts = moe_config.num_experts
+
+    tensors = []
+    for name, tensor in moe.state_dict().items():
+        if name in moe_tied:
+            continue
+        dense_name = name[len(BACKBONE_PREFIX) :]
+        layer, rest = _moe_block_of(dense_name, moe_blocks)
+        if layer is None:
+            tensors.append(TensorPlan(name, tuple(tensor.shape), "copy", dense_name))
+            continue
+        block_name = moe_blocks[layer]
+        if rest == "router.weight":
+            # The router takes the dtype of the block's output projection.
+            output_weight = _output_projection(moe, block_name).removeprefix("experts.") + ".weight"
+            tensors.append(TensorPlan(name, tuple(tensor.shape), "router", f"{block_name}.{output_weight}"))
+        elif rest.startswith("router."):
+            tensors.append(TensorPlan(name, tuple(tensor.shape), "zeros", fixed_dtype=tensor.dtype))
+        elif rest.startswith("experts."):
+            inner = rest[len("experts.") :]
+            module_name, _, param = inner.rpartition(".")
+            module = moe.get_submodule(f"{BACKBONE_PREFIX}{block_name}.experts.{module_name}")
+            source = f"{block_name}.{inner}"
+            if isinstance(module, GroupedLinear):
+                expert = _expert_weight(moe, block_name, layer, module, param)
+                if tuple(tensor.shape) != (num_experts, *dense_state[source].shape):
+                    raise RuntimeError(
+                        f"{name} has shape {list(tensor.shape)}, not experts x {list(dense_state[source].shape)}"
+                    )
+                tensors.append(TensorPlan(name, tuple(tensor.shape), "experts", source, expert=expert))
+            else:  # a non-linear parameter of the MLP stays shared
+                tensors.append(TensorPlan(name, tuple(tensor.shape), "copy", source))
+        else:
+            raise RuntimeError(f"Unexpected tensor {name} in the MoE block of layer {layer}")
+    dense_shapes = {k: tuple(v.shape) for k, v in dense_state.items() if k not in dense_tied}
+    return ConversionPlan(
+        config=moe_config,
+        moe_class=moe_class,
+        tensors=tensors,
+        dense_shapes=dense_shapes,
+        dense_tied=dense_tied,
+        dense_prefix=dense.base_model_prefix,
+        dense_ignored=tuple(getattr(dense, "_keys_to_ignore_on_load_unexpected", None) or ()),
+        feed_forward_blocks=moe_blocks,
+        meta_dense=dense,
+        meta_moe=moe,
+    )
+
+
+def _moe_block_of(dense_name: str, moe_blocks: dict[int, str]) -> tuple[int | None, str]:
+    for layer, block_name in moe_blocks.items():
+        if dense_name.startswith(block_name + "."):
+            return layer, dense_name[len(block_name) + 1 :]
+    return None, ""
+
+
+def _output_projection(moe, block_name: str) -> str:
+    """Name (inside the experts module) of the layer writing back to the hidden size; `make_experts`
+    marks it by giving it the expert dropout."""
+    experts = moe.get_submodule(f"{BACKBONE_PREFIX}{block_name}.experts")
+    return "experts." + next(
+        n for n, m in experts.named_modules() if isinstance(m, GroupedLinear) and m.input_dropout is not None
+    )
+
+
+def _expert_weight(moe, block_name: str, layer: int, module: GroupedLinear, param: str) -> ExpertWeight:
+    output = moe.get_submodule(f"{BACKBONE_PREFIX}{block_name}.{_output_projection(moe, block_name)}")
+    intermediate = output.in_features
+    out_in = module.weight_layout == "out_in"  # dense weight [out, in]; Conv1D [in, out]
+    if module is output:
+        axis = (1 if out_in else 0) if param == "weight" else None
+        return ExpertWeight(layer, intermediate, axis, 1)
+    groups = module.out_features // intermediate if module.out_features % intermediate == 0 else 0
+    axis = (0 if out_in else 1) if param == "weight" else 0
+    return ExpertWeight(layer, intermediate, axis, groups)
+
+
+def match_source_names(plan: ConversionPlan, source_names) -> dict[str, str]:
+    """Dense name -> name in the checkpoint. Accepts checkpoints saved with or without the head's
+    ``base_model_prefix`` (e.g. the original GPT-2 checkpoints); skips tied copies and keys
+    transformers itself ignores; anything else unknown, or missing, is an error."""
+    mapping, unexpected = {}, []
+    prefix = plan.dense_prefix + "."
+    for name in source_names:
+        candidates = (name, prefix + name, name[len(prefix) :] if name.startswith(prefix) else None)
+        dense_name = next((c for c in candidates if c in plan.dense_shapes or c in plan.dense_tied), None)
+        if dense_name is None:
+            if not any(re.search(pattern, name) for pattern in plan.dense_ignored):
+                unexpected.append(name)
+        elif dense_name in plan.dense_shapes:
+            mapping[dense_name] = name
+    missing = sorted(set(plan.dense_shapes) - set(mapping))
+    problems = []
+    model_type = plan.config.text_config.model_type
+    if missing:
+        problems.append(f"missing tensors the {model_type} config requires: {_preview(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors the {model_type} config does not have: {_preview(unexpected)}")
+    if problems:
+        raise ValueError("The dense checkpoint does not match its config:\n  - " + "\n  - ".join(problems))
+    return mapping
+
+
+def check_shapes(plan: ConversionPlan, shape_of: Callable[[str], tuple[int, ...]], mapping: dict[str, str]) -> None:
+    bad = [
+        f"{source} is {list(shape_of(source))}, the config implies {list(plan.dense_shapes[dense])}"
+        for dense, source in mapping.items()
+        if tuple(shape_of(source)) != plan.dense_shapes[dense]
+    ]
+    if bad:
+        raise ValueError(
+            "Mismatched shapes between the dense checkpoint and its config:\n  - " + "\n  - ".join(bad[:20])
+        )
+
+
+def _preview(names: list[str], limit: int = 10) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def resolve_dtype(source_dtype: torch.dtype, target: torch.dtype | None) -> torch.dtype:
+    """``--dtype`` applies to floating tensors; integer buffers keep their type."""
+    return target if target is not None and source_dtype.is_floating_point else source_dtype
+
+
+def output_tensors(
+    plan: ConversionPlan, dtype_of: Callable[[str], torch.dtype], target: torch.dtype | None
+) -> list[OutputTensor]:
+    """Name, dtype and shape of every MoE tensor, known before any is produced."""
+    result = []
+    for t in plan.tensors:
+        dtype = t.fixed_dtype if t.kind == "zeros" else resolve_dtype(dtype_of(t.dense_name), target)
+        result.append(OutputTensor(t.name, dtype, t.shape))
+    return result
+
+
+def _generator(seed: int, *parts) -> torch.Generator:
+    """A generator that depends only on (seed, parts): order-independent, reproducible."""
+    digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def dropped_neurons(seed: int, layer: int, expert: int, intermediate_size: int, ratio: float) -> torch.Tensor:
+    """Sorted indices of the intermediate neurons expert ``expert`` of ``layer`` re-initialises;
+    the same set for every projection of that expert (Drop-Upcycling)."""
+    count = round(ratio * intermediate_size)
+    chosen = torch.randperm(intermediate_size, generator=_generator(seed, "drop", layer, expert))[:count]
+    return chosen.sort().values
+
+
+def _noised(dense: torch.Tensor, name: str, expert: int, settings: UpcyclingSettings) -> torch.Tensor:
+    if dense.dim() < 2:  # biases stay copies; noise perturbs the weight matrices
+        return dense
+    weight = dense.float()
+    noise = torch.randn(weight.shape, generator=_generator(settings.seed, "noise", name, expert))
+    return weight + noise * (settings.noise_std * weight.std())
+
+
+def _dropped(
+    dense: torch.Tensor, name: str, expert: int, info: ExpertWeight, settings: UpcyclingSettings
+) -> torch.Tensor:
+    if info.neuron_axis is None:
+        return dense
+    if info.neuron_groups == 0:
+        raise ValueError(
+            f"expert_init='drop' cannot find the intermediate neurons of {name}: its size {list(dense.shape)} "
+            f"is not a multiple of the intermediate size {info.intermediate_size}"
+        )
+    neurons = dropped_neurons(settings.seed, info.layer, expert, info.intermediate_size, settings.drop_ratio)
+    if neurons.numel() == 0:
+        return dense
+    index = torch.cat([neurons + g * info.intermediate_size for g in range(info.neuron_groups)])
+    weight = dense.float().clone()
+    replaced = weight.index_select(info.neuron_axis, index)
+    # Statistics of the replaced weights (Nakamura et al. 2025, §3).
+    std = replaced.std() if replaced.numel() > 1 else torch.tensor(0.0)
+    fresh = (
+        torch.randn(replaced.shape, generator=_generator(settings.seed, "drop", name, expert)) * std + replaced.mean()
+    )
+    return weight.index_copy_(info.neuron_axis, index, fresh)
+
+
+def expert_copy(
+    dense: torch.Tensor, name: str, expert: int, info: ExpertWeight, settings: UpcyclingSettings
+) -> torch.Tensor:
+    """Expert ``expert``'s version of dense tensor ``name`` under the settings' init scheme."""
+    if settings.expert_init == "noise":
+        return _noised(dense, name, expert, settings)
+    if settings.expert_init == "drop":
+        return _dropped(dense, name, expert, info, settings)
+    return dense
+
+
+def produce(
+    tensor: TensorPlan,
+    out: OutputTensor,
+    read_dense: Callable[[str], torch.Tensor],
+    settings: UpcyclingSettings,
+    config,
+) -> Iterator[torch.Tensor]:
+    """The chunks of one MoE tensor, concatenated along dim 0 (one per expert for expert weights)."""
+    if tensor.kind == "copy":
+        yield read_dense(tensor.dense_name).to(out.dtype)
+    elif tensor.kind == "experts":
+        dense = read_dense(tensor.dense_name)
+        for expert in range(config.num_experts):
+            yield expert_copy(dense, tensor.dense_name, expert, tensor.expert, settings).to(out.dtype)
+    elif tensor.kind == "router":
+        generator = _generator(settings.seed, "router", tensor.name)
+        yield (torch.randn(tensor.shape, generator=generator) * config.router_init_std).to(out.dtype)
+    else:
+        yield torch.zeros(tensor.shape, dtype=out.dtype)
+
+
+def materialize(chunks: Iterator[torch.Tensor], out: OutputTensor) -> torch.Tensor:
+    """Join the chunks of `produce` into the full tensor (in-memory conversion and verification)."""
+    parts = list(chunks)
+    if len(parts) == 1:
+        return parts[0].reshape(out.shape)
+    return torch.stack(parts)
+
+
+def parameter_counts(plan: ConversionPlan) -> tuple[int, int]:
+    """(total, active per token) parameters of the MoE model; tied tensors count once.
+
+    Active counts the experts a token uses: k of E for token choice, on average
+    ``capacity_factor`` of E for expert choice (C = c * T / E tokens per expert).
+    """
+    config = plan.config
+    total = sum(p.numel() for p in plan.meta_moe.parameters())
+    expert_params = sum(
+        p.numel() for m in plan.meta_moe.modules() if isinstance(m, GroupedLinear) for p in m.parameters()
+    )
+    per_token = (
+        config.num_experts_per_tok
+        if config.model_type == "switch_moe"
+        else min(config.capacity_factor, config.num_experts)
+    )
+    return total, round(total - expert_params + expert_params * per_token / config.num_experts)

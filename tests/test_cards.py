@@ -1,0 +1,44 @@
+"""render_model_card: generic Jinja templates from model_cards/, strict fields, valid front matter."""
+
+import pytest
+from huggingface_hub import ModelCard, ModelCardData
+
+import hf_moe.cards as cards
+from hf_moe.cards import format_count, render_model_card
+
+
+@pytest.fixture
+def templates(tmp_path, monkeypatch):
+    monkeypatch.setattr(cards, "TEMPLATES_DIR", tmp_path)
+    (tmp_path / "finetuned.md").write_text("---\n{{ card_data }}\n---\n\n# {{ model_name }}\n\nscore {{ score }}\n")
+    return tmp_path
+
+
+def test_any_template_renders_with_front_matter(templates):
+    text = render_model_card(
+        "finetuned", card_data=ModelCardData(base_model="org/base", tags=["moe"]), model_name="m", score=0.5
+    )
+    card = ModelCard(text)
+    assert card.data.base_model == "org/base" and card.data.tags == ["moe"]
+    assert "# m" in card.text and "score 0.5" in card.text
+
+
+def test_missing_field_is_an_error(templates):
+    with pytest.raises(
+        ValueError, match="Model card template 'finetuned' needs a field that was not given: 'score' is undefined"
+    ):
+        render_model_card("finetuned", model_name="m")
+
+
+def test_unknown_template_lists_the_available_ones(templates):
+    with pytest.raises(FileNotFoundError, match=r"No model card template 'nope' in .*; available: \['finetuned'\]"):
+        render_model_card("nope")
+
+
+def test_the_shipped_upcycled_template_exists():
+    assert cards.template_path("upcycled").is_file()
+
+
+@pytest.mark.parametrize("count, text", [(999, "999"), (43_550, "43.55K"), (7_241_732_096, "7.24B")])
+def test_format_count(count, text):
+    assert format_count(count) == text

@@ -1,0 +1,149 @@
+"""The hf-moe command line and python -m hf_moe.upcycle."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hf_moe.cli import main
+from hf_moe.upcycle import build_parser
+
+# Every option the issue names; each must appear in --help.
+UPCYCLE_FLAGS = (
+    "--routing",
+    "--num-experts",
+    "--top-k",
+    "--moe-layers",
+    "--expert-init",
+    "--noise-std",
+    "--drop-ratio",
+    "--router-init-std",
+    "--dtype",
+    "--max-shard-size",
+    "--verify",
+    "--overwrite",
+    "--seed",
+    "--capacity-factor",
+    "--eval-capacity-factor",
+    "--norm-topk-prob",
+    "--router-z-loss-coef",
+    "--router-aux-loss-coef",
+    "--expert-dropout",
+    "--router-jitter-noise",
+    "--inference-routing",
+    "--revision",
+)
+
+
+def run_cli(argv, capsys):
+    status = main(argv)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_upcycle_with_verification(save_dense, tmp_path, capsys):
+    _, source = save_dense("llama")
+    output = tmp_path / "moe"
+    status, out, err = run_cli(
+        [
+            "upcycle",
+            str(source),
+            str(output),
+            "--num-experts",
+            "4",
+            "--top-k",
+            "2",
+            "--moe-layers",
+            "0,2",
+            "--capacity-factor",
+            "none",
+            "--router-z-loss-coef",
+            "0",
+            "--verify",
+            "--no-progress",
+        ],
+        capsys,
+    )
+    assert status == 0, err
+    assert (
+        "layer   0: max relative deviation" in out
+        and "layer   2:" in out
+        and "PASSED" in out
+        and f"Wrote {output}" in out
+    )
+    config = json.loads((output / "config.json").read_text())
+    assert (config["num_experts"], config["num_experts_per_tok"], config["moe_layers"]) == (4, 2, [0, 2])
+    assert config["capacity_factor"] is None and config["router_z_loss_coef"] == 0 and config["norm_topk_prob"] is True
+
+
+def test_python_dash_m_parser_converts(save_dense, tmp_path, capsys):
+    _, source = save_dense("gpt2")
+    argv = [
+        str(source),
+        str(tmp_path / "moe"),
+        "--routing",
+        "expert_choice",
+        "--num-experts",
+        "2",
+        "--capacity-factor",
+        "1.5",
+        "--expert-init",
+        "drop",
+        "--drop-ratio",
+        "0.25",
+        "--no-progress",
+    ]
+    assert main(argv, parser=build_parser()) == 0
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert config["model_type"] == "expert_choice_moe" and config["capacity_factor"] == 1.5
+    assert config["upcycling"]["drop_ratio"] == 0.25
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--routing", "expert_choice", "--top-k", "2"],
+            "'num_experts_per_tok'] is not a setting of routing 'expert_choice'",
+        ),
+        (["--drop-ratio", "0.3"], "--drop-ratio applies to --expert-init drop only, got --expert-init copy"),
+        (
+            ["--noise-std", "0.3", "--expert-init", "drop"],
+            "--noise-std applies to --expert-init noise only, got --expert-init drop",
+        ),
+        (["--num-experts", "2", "--top-k", "3"], "num_experts_per_tok must be between 1 and num_experts (2), got 3"),
+    ],
+)
+def test_user_errors_exit_with_a_message(extra, message, save_dense, tmp_path, capsys):
+    _, source = save_dense("llama")
+    status, _, err = run_cli(["upcycle", str(source), str(tmp_path / "moe"), "--no-progress", *extra], capsys)
+    assert status == 2 and "hf-moe: error:" in err and message in err
+    assert not (tmp_path / "moe").exists()
+
+
+def test_bad_layer_list_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["upcycle", "a", "b", "--moe-layers", "0,x"])
+    assert exit_info.value.code == 2
+    assert (
+        "expected every_other, all, last_half or comma-separated layer indices such as 0,2,5; got '0,x'"
+        in capsys.readouterr().err
+    )
+
+
+def test_help_explains_every_option(capsys):
+    top = subprocess.run(["hf-moe", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "upcycle" in top and "convert a dense checkpoint" in top
+    with pytest.raises(SystemExit):
+        main(["upcycle", "--help"])
+    texts = {
+        "hf-moe upcycle": capsys.readouterr().out,
+        "python -m": subprocess.run(
+            [sys.executable, "-m", "hf_moe.upcycle", "--help"], capture_output=True, text=True, check=True
+        ).stdout,
+    }
+    for command, text in texts.items():
+        assert "Convert a dense transformers checkpoint" in text
+        for flag in UPCYCLE_FLAGS:
+            assert flag in text, (command, flag)
