@@ -1,0 +1,130 @@
+"""Load the model a recipe fine-tunes: an hf_moe checkpoint, or a dense checkpoint upcycled on the fly,
+with the recipe's MoE and dropout options applied to the config before the modules are built."""
+
+import torch
+from transformers import AutoConfig
+
+MOE_MODEL_TYPES = ("switch_moe", "expert_choice_moe")
+# MoE options of a recipe config that are fields of the MoE model config.
+MOE_OPTIONS = (
+    "router_aux_loss_coef",
+    "router_z_loss_coef",
+    "expert_dropout",
+    "capacity_factor",
+    "eval_capacity_factor",
+    "router_jitter_noise",
+)
+# Dropout fields of dense decoder configs across architectures (llama/qwen/mistral: attention_dropout;
+# gpt2: resid/embd/attn_pdrop; others: hidden_dropout, dropout).
+BACKBONE_DROPOUT_FIELDS = (
+    "attention_dropout",
+    "hidden_dropout",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "dropout",
+)
+
+
+def requested_moe_options(config) -> dict:
+    """The MoE config fields a recipe sets; None = keep the checkpoint's; capacity "dropless" = None."""
+    options = {name: getattr(config, name) for name in MOE_OPTIONS if getattr(config, name) is not None}
+    return {name: None if value == "dropless" else value for name, value in options.items()}
+
+
+def set_backbone_dropout(dense_config, rate: float) -> list[str]:
+    """Set every dropout field the dense config has; returns their names (ValueError if none)."""
+    names = [name for name in BACKBONE_DROPOUT_FIELDS if isinstance(getattr(dense_config, name, None), (int, float))]
+    if not names:
+        raise ValueError(
+            f"backbone_dropout: model_type {dense_config.model_type!r} has none of the dropout fields "
+            f"{list(BACKBONE_DROPOUT_FIELDS)}"
+        )
+    for name in names:
+        setattr(dense_config, name, rate)
+    return names
+
+
+def load_model_for_finetuning(config, auto_class, **head_fields):
+    """Build the MoE model of ``auto_class``'s head from ``config.model_name_or_path``.
+
+    ``head_fields`` (e.g. num_labels, id2label, label2id, pad_token_id) go on the dense config
+    that builds the head. The MoE options are set on the MoE config before construction, so
+    capacity factors and expert dropout reach the modules. Weights load in float32; mixed
+    precision comes from accelerate's autocast.
+    """
+    source = AutoConfig.from_pretrained(config.model_name_or_path)
+    is_moe = source.model_type in MOE_MODEL_TYPES
+    dense_config = source.text_config if is_moe else source
+    for name, value in head_fields.items():
+        setattr(dense_config, name, value)
+        if is_moe:
+            setattr(source, name, value)
+    if config.backbone_dropout is not None:
+        set_backbone_dropout(dense_config, config.backbone_dropout)
+    options = requested_moe_options(config)
+
+    if is_moe:
+        if config.upcycle is not None:
+            raise ValueError(
+                f"upcycle is set but model_name_or_path {config.model_name_or_path!r} is already an MoE model "
+                f"({source.model_type!r}); remove the upcycle section"
+            )
+        unknown = [name for name in options if not hasattr(source, name)]
+        if unknown:
+            raise ValueError(
+                f"{unknown} do not apply to model_type {source.model_type!r}; remove them from the settings"
+            )
+        # Rebuilding the config re-runs its own validation on the new values.
+        source = type(source).from_dict({**source.to_dict(), **options})
+        return auto_class.from_pretrained(config.model_name_or_path, config=source, dtype=torch.float32)
+
+    if config.upcycle is None:
+        raise ValueError(
+            f"model_name_or_path {config.model_name_or_path!r} is a dense {source.model_type!r} checkpoint: "
+            "add an `upcycle` section (routing, num_experts, moe_layers, expert_init, ...) to upcycle it on the fly"
+        )
+    from hf_moe.upcycling import upcycle_model
+
+    dense = auto_class.from_pretrained(config.model_name_or_path, config=dense_config, dtype=torch.float32)
+    up = config.upcycle
+    overrides = dict(options)
+    for name in ("num_experts_per_tok", "norm_topk_prob", "noise_std"):
+        if getattr(up, name) is not None:
+            overrides[name] = getattr(up, name)
+    # The upcycler rejects settings the chosen routing does not have, naming them.
+    return upcycle_model(
+        dense,
+        routing=up.routing,
+        num_experts=up.num_experts,
+        moe_layers=up.moe_layers,
+        expert_init=up.expert_init,
+        drop_ratio=up.drop_ratio,
+        seed=up.seed,
+        **overrides,
+    )
+
+
+def check_process_group(accelerator) -> None:
+    """Fail when the launch asked for something accelerate did not set up: several processes that
+    joined no process group (they would train independently), or FSDP that fell back to DDP
+    (accelerate 1.15 enables FSDP only on accelerator devices, not for CPU processes)."""
+    import os
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and accelerator.num_processes == 1:
+        raise ValueError(
+            f"{world_size} processes were launched but accelerate set up distributed_type "
+            f"{accelerator.distributed_type.value!r} with 1 process each"
+        )
+    if (
+        os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        and accelerator.distributed_type.value != "FSDP"
+    ):
+        raise ValueError(
+            f"the accelerate config asks for FSDP but accelerate set up {accelerator.distributed_type.value!r}: "
+            "accelerate enables FSDP only on GPUs (or other accelerators), not for CPU processes; "
+            "on CPUs use recipes/accelerate/data_parallel.yaml"
+        )

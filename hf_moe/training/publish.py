@@ -1,0 +1,218 @@
+"""The output folder of a fine-tuning run: model or PEFT adapter, tokenizer, resolved settings,
+model card with an expert-load plot, and the optional upload with the standard Hub client."""
+
+import json
+import os
+
+import yaml
+from huggingface_hub import EvalResult, HfApi, ModelCardData
+
+from hf_moe.cards import format_count, render_model_card
+
+from .config import config_to_dict
+from .routing_health import plot_expert_load
+
+EXPERT_LOAD_PLOT = "expert_load.png"
+LOSS_CURVES_PLOT = "loss_curves.png"
+SETTINGS_FILE = "finetune_config.yaml"
+HISTORY_FILE = "evaluations.json"
+
+
+def save_model_folder(accelerator, model, tokenizer, config, output_dir: str, base_on_disk: bool = True) -> dict:
+    """Save what ``AutoModelFor...from_pretrained(output_dir)`` loads; returns what was saved
+    (``kind``: "model" or "adapter", ``base_model_folder``, ``model``: the MoE model, for the card).
+
+    Full fine-tuning: the model. LoRA: the adapter (``lora.merge`` saves the merged model
+    instead). An adapter needs its MoE base on disk: when the base was upcycled on the fly, or
+    its config changed (``base_on_disk=False``, e.g. a new classification head and its labels),
+    the frozen base is saved under ``output_dir/base_model`` and the adapter points there.
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    state_dict = accelerator.get_state_dict(model)
+    saved = {"kind": "model", "base_model_folder": None, "model": unwrapped}
+    if config.train_parameters == "lora":
+        if config.lora.merge:
+            unwrapped = unwrapped.merge_and_unload()
+            state_dict = None
+            saved["model"] = unwrapped
+        else:
+            saved["kind"] = "adapter"
+            saved["model"] = unwrapped.get_base_model()
+    if accelerator.is_main_process:
+        os.makedirs(output_dir, exist_ok=True)
+        if saved["kind"] == "adapter" and (config.upcycle is not None or not base_on_disk):
+            base_folder = os.path.abspath(os.path.join(output_dir, "base_model"))
+            unwrapped.peft_config["default"].base_model_name_or_path = base_folder
+            saved["model"].config.save_pretrained(base_folder)  # PEFT reads the base config while saving
+            unwrapped.save_pretrained(output_dir)
+            base = unwrapped.unload()  # frozen base weights; the adapter holds every trained tensor
+            base.save_pretrained(base_folder)
+            tokenizer.save_pretrained(base_folder)
+            saved["base_model_folder"] = base_folder
+        else:
+            unwrapped.save_pretrained(output_dir, state_dict=state_dict)
+        tokenizer.save_pretrained(output_dir)
+        with open(os.path.join(output_dir, SETTINGS_FILE), "w") as f:
+            yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
+    accelerator.wait_for_everyone()
+    return saved
+
+
+def moe_architecture_rows(model) -> list[tuple[str, str]]:
+    """(field, value) rows describing the MoE model for the card."""
+    config = model.config
+    text_config = config.text_config
+    total = sum(p.numel() for p in model.parameters())
+    rows = [
+        ("architecture", f"`{type(model).__name__}` (`{config.model_type}`), backbone `{text_config.model_type}`"),
+        ("layers / hidden size", f"{text_config.num_hidden_layers} / {text_config.hidden_size}"),
+        ("MoE layers", ", ".join(str(i) for i in config.moe_layers)),
+        ("experts per MoE layer", str(config.num_experts)),
+    ]
+    if config.model_type == "switch_moe":
+        rows.append(
+            ("routing", f"token choice, top-{config.num_experts_per_tok}, norm_topk_prob={config.norm_topk_prob}")
+        )
+        rows.append(
+            (
+                "capacity factor (train / eval)",
+                f"{config.capacity_factor} / {config.eval_capacity_factor} (None = dropless)",
+            )
+        )
+        rows.append(("router_aux_loss_coef", str(config.router_aux_loss_coef)))
+    else:
+        rows.append(("routing", f"expert choice, capacity factor {config.capacity_factor}"))
+    rows += [
+        ("router_z_loss_coef", str(config.router_z_loss_coef)),
+        ("expert_dropout", str(config.expert_dropout)),
+        ("parameters (total)", format_count(total)),
+    ]
+    return rows
+
+
+def plot_loss_curves(history: list[dict], path: str) -> str:
+    """Train-subset and validation loss at each evaluation (both in evaluation mode), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [row["step"] for row in history]
+    figure, axes = plt.subplots(figsize=(5, 3.2))
+    axes.plot(steps, [row["train"]["loss"] for row in history], marker="o", label="train (subset, eval mode)")
+    axes.plot(steps, [row["validation"]["loss"] for row in history], marker="o", label="validation")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def write_model_card(
+    output_dir: str,
+    *,
+    config,
+    model,
+    task: str,
+    auto_class: str,
+    history: list[dict],
+    best: dict,
+    routing: dict,
+    dataset: str,
+    saved: dict,
+    metric_names: list[str],
+) -> str:
+    """Render ``model_cards/finetuned.md`` into ``output_dir/README.md``, with the expert-load and
+    loss-curve plots and the evaluation history (``evaluations.json``) next to it."""
+    plot_expert_load(routing, os.path.join(output_dir, EXPERT_LOAD_PLOT), title="Expert load on the validation data")
+    plot_loss_curves(history, os.path.join(output_dir, LOSS_CURVES_PLOT))
+    with open(os.path.join(output_dir, HISTORY_FILE), "w") as f:
+        json.dump({"evaluations": history, "best": best, "routing": routing}, f, indent=1)
+    final = history[-1]
+    model_name = config.hub_model_id or os.path.basename(os.path.abspath(output_dir))
+    task_type = "text-generation" if task == "causal-lm" else "text-classification"
+    dataset_type = config.dataset_name or "local files"
+    eval_results = [
+        EvalResult(
+            task_type=task_type,
+            dataset_type=dataset_type,
+            dataset_name=dataset,
+            dataset_split="validation",
+            metric_type=name,
+            metric_name=f"validation {name}",
+            metric_value=round(float(final["validation"][name]), 6),
+        )
+        for name in metric_names
+    ]
+    card_data = ModelCardData(
+        base_model=config.model_name_or_path,
+        datasets=[config.dataset_name] if config.dataset_name else None,
+        tags=["hf_moe", "moe", "mixture-of-experts", model.config.model_type, "fine-tuned"]
+        + (["peft", "lora"] if saved["kind"] == "adapter" else []),
+        library_name="peft" if saved["kind"] == "adapter" else "transformers",
+        pipeline_tag=task_type,
+        model_name=model_name,
+        eval_results=eval_results,
+    )
+    settings = config_to_dict(config)
+    hyperparameters = [
+        (k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+        for k, v in settings.items()
+        if k not in ("output_dir", "hub_model_id", "push_to_hub")
+    ]
+    layers = [
+        {"layer": layer, "balance": balance, "dropped": dropped, "load": ", ".join(f"{x:.3f}" for x in load)}
+        for layer, load, balance, dropped in zip(
+            routing["layers"], routing["expert_load"], routing["balance"], routing["dropped_fraction"], strict=True
+        )
+    ]
+    text = render_model_card(
+        "finetuned",
+        card_data=card_data,
+        model_name=model_name,
+        base_model=config.model_name_or_path,
+        upcycle=settings["upcycle"],
+        dataset=dataset,
+        task=task,
+        auto_class=auto_class,
+        adapter=saved["kind"] == "adapter",
+        base_model_folder=saved["base_model_folder"],
+        architecture=moe_architecture_rows(model),
+        hyperparameters=hyperparameters,
+        history=history,
+        metric_names=metric_names,
+        best=best,
+        final=final,
+        routing=routing,
+        routing_layers=layers,
+        plot_file=EXPERT_LOAD_PLOT,
+        curves_file=LOSS_CURVES_PLOT,
+    )
+    path = os.path.join(output_dir, "README.md")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def push_folder_to_hub(output_dir: str, repo_id: str) -> str:
+    """Upload ``output_dir`` to ``repo_id`` with the standard Hub client; returns a message.
+
+    When the Hub cannot be reached (offline, no network, no token) the folder stays saved locally
+    and the message says so and how to upload it later.
+    """
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=output_dir, commit_message="Upload fine-tuned hf_moe model"
+        )
+        return f"Pushed {output_dir} to the Hub: {commit.repo_url if hasattr(commit, 'repo_url') else repo_id}"
+    except Exception as error:  # offline mode, network errors, HTTP errors and missing tokens all land here
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        return (
+            f"Could not push to the Hub ({reason}). The model is saved locally in {os.path.abspath(output_dir)}. "
+            f"Push it later with:  hf upload {repo_id} {os.path.abspath(output_dir)}"
+        )
