@@ -23,6 +23,23 @@ class ExpertLayout:
     def __init__(self):
         self.offsets: torch.Tensor | None = None  # (experts,) int32 cumulative row ends
         self.expert_ids: torch.Tensor | None = None  # (rows,) long, expert of each row
+        self.active: slice | None = None  # the experts the grouped matmuls visit; None: all
+
+    def set(self, counts: torch.Tensor, expert_ids: torch.Tensor) -> None:
+        """``counts`` (experts,) rows per expert; ``expert_ids`` (rows,) sorted."""
+        self.offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        self.expert_ids = expert_ids
+        self.active = None
+        if counts.device.type == "cpu" and not torch.is_grad_enabled():
+            # On CPU grouped_mm runs one matmul per group, empty groups included (~15 us each);
+            # a batch-1 decoding step fills one group. Visiting only the experts from the first to
+            # the last non-empty one (a view: no copy) skips them; reading the range costs no
+            # device synchronisation on CPU. Experts before the first have no rows, so the
+            # sliced cumulative offsets still start from row 0. Inference only: under autograd
+            # the slice's backward would write the weight gradient a second time.
+            nonempty = counts.nonzero()
+            if len(nonempty):
+                self.active = slice(int(nonempty[0]), int(nonempty[-1]) + 1)
 
 
 class GroupedLinear(nn.Module):
@@ -46,10 +63,13 @@ class GroupedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (rows, in) sorted by expert -> (rows, out)
-        if self.input_dropout is not None:
+        if self.input_dropout is not None and self.input_dropout.p > 0:
             x = self.input_dropout(x)
-        weight = self.weight.transpose(-2, -1) if self.weight_layout == "out_in" else self.weight  # (E, in, out)
-        out = nn.functional.grouped_mm(x, weight.to(x.dtype), offs=self.layout.offsets)
+        weight, offsets, active = self.weight, self.layout.offsets, self.layout.active
+        if active is not None:
+            weight, offsets = weight[active], offsets[active]
+        weight = weight.transpose(-2, -1) if self.weight_layout == "out_in" else weight  # (E, in, out)
+        out = nn.functional.grouped_mm(x, weight.to(x.dtype), offs=offsets)
         if self.bias is not None:
             out = out + self.bias.to(x.dtype)[self.layout.expert_ids]
         return out

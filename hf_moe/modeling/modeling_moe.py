@@ -57,6 +57,38 @@ def find_feed_forward_blocks(model: nn.Module, text_config) -> dict[int, str]:
     )
 
 
+class WeightedScatterAdd(torch.autograd.Function):
+    """out[t] = sum of weight[p] * expert_out[p] over the pairs p of token t; 0 for tokens without pairs.
+
+    The same values as ``zeros(tokens, hidden).index_add_(0, token_idx, expert_out * weight[:, None])``
+    with autograd, in fewer passes over (pairs, hidden) buffers: the backward gathers the output
+    gradient once, takes the weight gradient from it as a row-wise dot product and scales it in
+    place into the expert-output gradient (autograd's index_add and mul backwards allocate three
+    such buffers).
+    """
+
+    @staticmethod
+    def forward(ctx, expert_out, weight, token_idx, num_tokens):
+        # expert_out (pairs, hidden); weight (pairs,) float32; token_idx (pairs,) long
+        ctx.save_for_backward(expert_out, weight, token_idx)
+        return WeightedScatterAdd.compute(expert_out, weight, token_idx, num_tokens)
+
+    @staticmethod
+    def compute(expert_out, weight, token_idx, num_tokens):
+        """The forward without autograd bookkeeping (also used directly when no gradient is needed)."""
+        weighted = expert_out * weight.to(expert_out.dtype)[:, None]
+        return expert_out.new_zeros(num_tokens, expert_out.shape[1]).index_add_(0, token_idx, weighted)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        expert_out, weight, token_idx = ctx.saved_tensors
+        grad = grad_out.index_select(0, token_idx)  # (pairs, hidden)
+        grad_weight = torch.linalg.vecdot(grad, expert_out).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_expert_out = grad.mul_(weight.to(grad.dtype)[:, None]) if ctx.needs_input_grad[0] else None
+        return grad_expert_out, grad_weight, None, None
+
+
 class MoeBlock(nn.Module):
     """Router, then the experts on tokens sorted by expert, then a weighted scatter-add.
 
@@ -84,19 +116,21 @@ class MoeBlock(nn.Module):
         self.last_routing = record
         assigned = record.assignments
 
-        # Dispatch: group the token-expert pairs by expert.
-        order = torch.argsort(assigned.expert_idx, stable=True)
-        token_idx = assigned.token_idx[order]  # (pairs,)
-        expert_idx = assigned.expert_idx[order]
-        counts = torch.bincount(assigned.expert_idx, minlength=self.router.num_experts)
-        self.layout.offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-        self.layout.expert_ids = expert_idx
+        # Dispatch: group the token-expert pairs by expert; the stable sort keeps token order
+        # inside each expert's group. index_select (not advanced indexing): its backward is a
+        # plain index_add, about half the cost of index_put with accumulation on CPU.
+        expert_idx, order = torch.sort(assigned.expert_idx, stable=True)  # (pairs,)
+        token_idx = assigned.token_idx.index_select(0, order)
+        self.layout.set(torch.bincount(expert_idx, minlength=self.router.num_experts), expert_idx)
         flat = hidden.reshape(batch * seq_len, hidden_size)
-        expert_out = self.experts(flat[token_idx])  # (pairs, hidden)
+        expert_out = self.experts(flat.index_select(0, token_idx))  # (pairs, hidden)
 
         # Combine: weight each pair and add it back to its token; unassigned tokens stay 0.
-        weighted = expert_out * assigned.weight[order].to(expert_out.dtype)[:, None]
-        out = torch.zeros_like(flat).index_add_(0, token_idx, weighted)
+        weight = assigned.weight.index_select(0, order)  # (pairs,) float32
+        if torch.is_grad_enabled() and (expert_out.requires_grad or weight.requires_grad):
+            out = WeightedScatterAdd.apply(expert_out, weight, token_idx, batch * seq_len)
+        else:  # no autograd.Function overhead (~30 us) in inference, e.g. each decoding step
+            out = WeightedScatterAdd.compute(expert_out, weight, token_idx, batch * seq_len)
         return out.view(shape)
 
     def _token_mask(self, batch: int, seq_len: int, device) -> torch.Tensor:
@@ -218,24 +252,61 @@ class MoePreTrainedModel(PreTrainedModel):
                         init.zeros_(module.score_thresholds)
                         init.zeros_(module.threshold_updates)
 
-    def _run_backbone(self, attention_mask, output_router_logits, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        labels=None,
+        output_router_logits=None,
+        output_routing_stats=None,
+        return_dict=None,
+        **kwargs,
+    ) -> MoeModelOutput | tuple:
+        r"""Run the backbone (all its arguments pass through) and collect the routing of every MoE layer.
+
+        output_router_logits: also return every MoE layer's router logits (default: the config's).
+        output_routing_stats: compute ``aux_loss``, ``z_loss``, ``expert_load`` and ``dropped_fraction``
+            (default True; always in training or with labels). Generation passes False: nothing
+            reads them there, and they cost a few small operations per layer per token.
+        """
         token_mask = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
         blocks = self.moe_blocks()
         for block in blocks:
             block.token_mask = token_mask
-        outputs = self.backbone(attention_mask=attention_mask, **kwargs)
+        if labels is not None:
+            kwargs["labels"] = labels
+        outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
         records = [block.last_routing for block in blocks]
         for block in blocks:
             block.last_routing = None
+        if self.training and self.config.model_type == "expert_choice_moe":
+            for block, record in zip(blocks, records):
+                block.router.update_thresholds(record.capacity_scores)
 
+        extras = {}
+        if output_routing_stats is not False or labels is not None or self.training:
+            extras = self._routing_outputs(records, token_mask)
+        if output_router_logits if output_router_logits is not None else self.config.output_router_logits:
+            extras["router_logits"] = tuple(r.router_logits for r in records)
+        loss = outputs.get("loss")
+        if loss is not None:
+            loss = loss + self.config.router_z_loss_coef * extras["z_loss"]
+            if extras["aux_loss"] is not None:
+                loss = loss + self.config.router_aux_loss_coef * extras["aux_loss"]
+        fields = {k: v for k, v in outputs.items() if k != "loss"}
+        output = MoeModelOutput(loss=loss, **fields, **extras)
+        return output.to_tuple() if return_dict is False else output
+
+    def _routing_outputs(self, records: list[RoutingRecord], token_mask: torch.Tensor | None) -> dict:
+        """Router losses (means over MoE layers) and per-layer statistics over non-padding tokens."""
         tokens = records[0].router_logits.shape[0]
         valid = torch.ones(tokens, dtype=torch.bool, device=records[0].router_logits.device)
         if token_mask is not None and token_mask.numel() >= tokens:
-            valid = token_mask[:, -(tokens // token_mask.shape[0]):].reshape(-1)
-        is_switch = self.config.model_type == "switch_moe"
+            valid = token_mask[:, -(tokens // token_mask.shape[0]) :].reshape(-1)  # with a cache: the new tokens
         num_experts = self.config.num_experts
-        z_loss = torch.stack([router_z_loss(r, valid) for r in records]).mean()
-        aux_loss = torch.stack([load_balancing_loss(r, valid, num_experts) for r in records]).mean() if is_switch else None
+        aux_loss = None
+        if self.config.model_type == "switch_moe":
+            aux_loss = torch.stack([load_balancing_loss(r, valid, num_experts) for r in records]).mean()
         expert_load, dropped = [], []
         for r in records:
             counts = torch.bincount(r.assignments.expert_idx, minlength=num_experts).float()
@@ -243,39 +314,21 @@ class MoePreTrainedModel(PreTrainedModel):
             processed = torch.zeros(tokens, dtype=torch.bool, device=valid.device)
             processed[r.assignments.token_idx] = True
             dropped.append(1.0 - processed[valid].float().mean())
-        if self.training and not is_switch:
-            for block, record in zip(blocks, records):
-                block.router.update_thresholds(record.capacity_scores)
-
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
-        extras = {
+        return {
             "aux_loss": aux_loss,
-            "z_loss": z_loss,
+            "z_loss": torch.stack([router_z_loss(r, valid) for r in records]).mean(),
             "expert_load": torch.stack(expert_load),
             "dropped_fraction": torch.stack(dropped),
-            "router_logits": tuple(r.router_logits for r in records) if output_router_logits else None,
         }
-        return outputs, extras
 
-    def _routing_loss(self, extras) -> torch.Tensor:
-        loss = self.config.router_z_loss_coef * extras["z_loss"]
-        if extras["aux_loss"] is not None:
-            loss = loss + self.config.router_aux_loss_coef * extras["aux_loss"]
-        return loss
 
-    def forward(
-        self, input_ids=None, attention_mask=None, labels=None, output_router_logits=None, return_dict=None, **kwargs
-    ) -> MoeModelOutput | tuple:
-        if labels is not None:
-            kwargs["labels"] = labels
-        outputs, extras = self._run_backbone(attention_mask, output_router_logits, input_ids=input_ids, return_dict=True, **kwargs)
-        loss = outputs.get("loss")
-        if loss is not None:
-            loss = loss + self._routing_loss(extras)
-        fields = {k: v for k, v in outputs.items() if k != "loss"}
-        output = MoeModelOutput(loss=loss, **fields, **extras)
-        return output.to_tuple() if return_dict is False else output
+class MoeGenerationMixin(GenerationMixin):
+    """Generation through the backbone's caches; the per-step routing statistics are skipped."""
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        model_inputs["output_routing_stats"] = False
+        return model_inputs
 
 
 class SwitchMoePreTrainedModel(MoePreTrainedModel):
@@ -286,7 +339,7 @@ class SwitchMoeModel(SwitchMoePreTrainedModel):
     """Token-choice MoE decoder without a head (AutoModel)."""
 
 
-class SwitchMoeForCausalLM(SwitchMoePreTrainedModel, GenerationMixin):
+class SwitchMoeForCausalLM(SwitchMoePreTrainedModel, MoeGenerationMixin):
     """Token-choice MoE causal LM (AutoModelForCausalLM)."""
 
     dense_auto_class = AutoModelForCausalLM
@@ -307,7 +360,7 @@ class ExpertChoiceMoeModel(ExpertChoiceMoePreTrainedModel):
     """Expert-choice MoE decoder without a head (AutoModel); see `ExpertChoiceRouter` on causality."""
 
 
-class ExpertChoiceMoeForCausalLM(ExpertChoiceMoePreTrainedModel, GenerationMixin):
+class ExpertChoiceMoeForCausalLM(ExpertChoiceMoePreTrainedModel, MoeGenerationMixin):
     """Expert-choice MoE causal LM (AutoModelForCausalLM).
 
     Expert choice is not causal (`ExpertChoiceRouter`). Training always uses expert choice;

@@ -100,8 +100,13 @@ class TokenChoiceRouter(nn.Module):
         capacity = self.capacity(seq_len)
         if capacity is not None:
             keep = keep & fill_capacity_in_token_order(top_experts.masked_fill(~keep, self.num_experts), self.num_experts + 1, capacity)
-        token_idx = torch.arange(batch * seq_len, device=hidden.device).view(batch, seq_len, 1).expand_as(top_experts)
-        kept = Assignments(token_idx[keep], top_experts[keep], top_probs[keep])
+        # One nonzero for the three lists: pick p of the flat (batch * seq * k) picks is token p // k.
+        kept_picks = keep.reshape(-1).nonzero().squeeze(1)  # (pairs,)
+        kept = Assignments(
+            kept_picks.div(self.top_k, rounding_mode="floor"),
+            top_experts.reshape(-1).index_select(0, kept_picks),
+            top_probs.reshape(-1).index_select(0, kept_picks),
+        )
         return RoutingRecord(
             router_logits=logits.view(batch * seq_len, -1),
             assignments=kept,

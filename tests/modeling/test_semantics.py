@@ -227,3 +227,16 @@ def test_return_dict_false_gives_the_same_values_as_a_tuple():
     assert isinstance(as_tuple, tuple)
     torch.testing.assert_close(as_tuple[0], as_output.loss)
     torch.testing.assert_close(as_tuple[1], as_output.logits)
+
+
+def test_routing_statistics_are_skipped_only_when_asked_and_never_with_labels():
+    model = causal_lm().eval()
+    ids = torch.randint(3, VOCAB, (2, 8))
+    skipped = model(ids, output_routing_stats=False)
+    assert skipped.z_loss is None and skipped.expert_load is None
+    torch.testing.assert_close(skipped.logits, model(ids).logits)
+    with_labels = model(ids, labels=ids, output_routing_stats=False)
+    assert with_labels.z_loss is not None  # the loss needs them
+    # generate() asks for no statistics at each step
+    inputs = model.prepare_inputs_for_generation(ids, attention_mask=torch.ones_like(ids))
+    assert inputs["output_routing_stats"] is False
