@@ -62,7 +62,9 @@ class MoeConfig(PreTrainedConfig):
         else:
             bad = [i for i in layers if not 0 <= i < num_layers]
             if bad:
-                problems.append(f"moe_layers must be between 0 and {num_layers - 1} (num_hidden_layers={num_layers}), got {bad}")
+                problems.append(
+                    f"moe_layers must be between 0 and {num_layers - 1} (num_hidden_layers={num_layers}), got {bad}"
+                )
             elif len(set(layers)) != len(layers):
                 problems.append(f"moe_layers must not repeat a layer, got {list(layers)}")
             elif not layers:

@@ -51,11 +51,17 @@ class GroupedLinear(nn.Module):
     projection (Switch Table 4).
     """
 
-    def __init__(self, num_experts, in_features, out_features, bias, layout, weight_layout="out_in", dtype=None, device=None):
+    def __init__(
+        self, num_experts, in_features, out_features, bias, layout, weight_layout="out_in", dtype=None, device=None
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight_layout = weight_layout
-        shape = (num_experts, out_features, in_features) if weight_layout == "out_in" else (num_experts, in_features, out_features)
+        shape = (
+            (num_experts, out_features, in_features)
+            if weight_layout == "out_in"
+            else (num_experts, in_features, out_features)
+        )
         self.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(num_experts, out_features, dtype=dtype, device=device)) if bias else None
         self.layout = layout
@@ -85,8 +91,8 @@ class GroupedLinear(nn.Module):
             init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
-        experts = self.weight.shape[0]
-        return f"experts={experts}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        experts, bias = self.weight.shape[0], self.bias is not None
+        return f"experts={experts}, in_features={self.in_features}, out_features={self.out_features}, bias={bias}"
 
 
 def _linear_dims(module: nn.Module) -> tuple[int, int, str]:
@@ -100,7 +106,9 @@ def dense_linear_layers(mlp: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in mlp.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
 
 
-def make_experts(mlp: nn.Module, num_experts: int, hidden_size: int, expert_dropout: float, layout: ExpertLayout, model_type: str):
+def make_experts(
+    mlp: nn.Module, num_experts: int, hidden_size: int, expert_dropout: float, layout: ExpertLayout, model_type: str
+):
     """Turn a dense MLP module in place into E experts; returns the same module object.
 
     Raises a ValueError naming the backbone when the MLP's linear layers cannot be identified.
@@ -121,8 +129,14 @@ def make_experts(mlp: nn.Module, num_experts: int, hidden_size: int, expert_drop
     for name, dense in linears:
         in_features, out_features, weight_layout = _linear_dims(dense)
         grouped = GroupedLinear(
-            num_experts, in_features, out_features, dense.bias is not None, layout, weight_layout,
-            dtype=dense.weight.dtype, device=dense.weight.device,
+            num_experts,
+            in_features,
+            out_features,
+            dense.bias is not None,
+            layout,
+            weight_layout,
+            dtype=dense.weight.dtype,
+            device=dense.weight.device,
         )
         if name == output_layers[0]:
             grouped.input_dropout = nn.Dropout(expert_dropout)

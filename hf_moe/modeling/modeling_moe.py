@@ -42,7 +42,11 @@ def find_feed_forward_blocks(model: nn.Module, text_config) -> dict[int, str]:
     """
     num_layers = text_config.num_hidden_layers
     for list_name, module in model.named_modules():
-        if list_name.rpartition(".")[2] in LAYER_LIST_NAMES and isinstance(module, nn.ModuleList) and len(module) == num_layers:
+        if (
+            list_name.rpartition(".")[2] in LAYER_LIST_NAMES
+            and isinstance(module, nn.ModuleList)
+            and len(module) == num_layers
+        ):
             blocks = {}
             for index, layer in enumerate(module):
                 name = next((n for n in FEED_FORWARD_NAMES if isinstance(getattr(layer, n, None), nn.Module)), None)
@@ -52,8 +56,9 @@ def find_feed_forward_blocks(model: nn.Module, text_config) -> dict[int, str]:
             else:
                 return blocks
     raise ValueError(
-        f"Cannot find the feed-forward blocks of model_type {text_config.model_type!r}: looked for a ModuleList named "
-        f"one of {list(LAYER_LIST_NAMES)} with {num_layers} layers, each with a child named one of {list(FEED_FORWARD_NAMES)}"
+        f"Cannot find the feed-forward blocks of model_type {text_config.model_type!r}: looked for a ModuleList "
+        f"named one of {list(LAYER_LIST_NAMES)} with {num_layers} layers, each with a child named one of "
+        f"{list(FEED_FORWARD_NAMES)}"
     )
 
 
@@ -280,7 +285,7 @@ class MoePreTrainedModel(PreTrainedModel):
         for block in blocks:
             block.last_routing = None
         if self.training and self.config.model_type == "expert_choice_moe":
-            for block, record in zip(blocks, records):
+            for block, record in zip(blocks, records, strict=True):
                 block.router.update_thresholds(record.capacity_scores)
 
         extras = {}

@@ -99,7 +99,9 @@ class TokenChoiceRouter(nn.Module):
         keep = token_mask[..., None].expand_as(top_experts)
         capacity = self.capacity(seq_len)
         if capacity is not None:
-            keep = keep & fill_capacity_in_token_order(top_experts.masked_fill(~keep, self.num_experts), self.num_experts + 1, capacity)
+            keep = keep & fill_capacity_in_token_order(
+                top_experts.masked_fill(~keep, self.num_experts), self.num_experts + 1, capacity
+            )
         # One nonzero for the three lists: pick p of the flat (batch * seq * k) picks is token p // k.
         kept_picks = keep.reshape(-1).nonzero().squeeze(1)  # (pairs,)
         kept = Assignments(
@@ -164,7 +166,9 @@ class ExpertChoiceRouter(nn.Module):
             token_idx, expert_idx = passed.view(batch * seq_len, -1).nonzero(as_tuple=True)
             kept = Assignments(token_idx, expert_idx, scores.view(batch * seq_len, -1)[token_idx, expert_idx])
             capacity_scores = None
-        return RoutingRecord(router_logits=logits.view(batch * seq_len, -1), assignments=kept, capacity_scores=capacity_scores)
+        return RoutingRecord(
+            router_logits=logits.view(batch * seq_len, -1), assignments=kept, capacity_scores=capacity_scores
+        )
 
     @torch.no_grad()
     def update_thresholds(self, capacity_scores: torch.Tensor) -> None:
