@@ -45,7 +45,15 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
 import hf_moe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment_lines, load_average, markdown_table, median, peak_memory_bytes, time_interleaved  # noqa: E402
+from common import (  # noqa: E402
+    environment_lines,
+    load_average,
+    markdown_table,
+    median,
+    peak_memory_bytes,
+    resolve_device_args,
+    time_interleaved,
+)
 
 REFERENCE = "dense SwiGLU (reference)"
 
@@ -388,12 +396,7 @@ def parse_args(argv=None):
     if args.quick:
         args.tokens, args.experts, args.hidden, args.intermediate, args.seq_len = [256], [4], 64, 128, 128
         args.reps, args.warmup = 2, 1
-    if args.dtype is None:
-        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
-    if args.cpu_time:
-        if args.device != "cpu":
-            parser.error(f"--cpu-time measures CPU threads; it needs --device cpu, got --device {args.device}")
-        args.threads = 1
+    resolve_device_args(parser, args)
     return args
 
 

@@ -29,7 +29,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hf_moe.upcycling import upcycle_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment_lines, load_average, markdown_table, median, synchronize, time_interleaved  # noqa: E402
+from common import (  # noqa: E402
+    environment_lines,
+    load_average,
+    markdown_table,
+    median,
+    resolve_device_args,
+    synchronize,
+    time_interleaved,
+)
 
 DENSE = "dense llama (reference)"
 
@@ -126,12 +134,7 @@ def parse_args(argv=None):
     if args.quick:
         args.layers, args.hidden, args.intermediate, args.heads, args.vocab = 2, 64, 128, 4, 256
         args.batch, args.seq_len, args.new_tokens, args.reps = 2, 32, 8, 2
-    if args.dtype is None:
-        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
-    if args.cpu_time:
-        if args.device != "cpu":
-            parser.error(f"--cpu-time measures CPU threads; it needs --device cpu, got --device {args.device}")
-        args.threads = 1
+    resolve_device_args(parser, args)
     return args
 
 

@@ -26,6 +26,16 @@ from torch._C._profiler import _EventType
 import hf_moe
 
 
+def resolve_device_args(parser, args) -> None:
+    """Default dtype per device (bf16 on CUDA, fp32 on CPU); ``--cpu-time`` is CPU-only, one thread."""
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    if args.cpu_time:
+        if args.device != "cpu":
+            parser.error(f"--cpu-time measures CPU threads; it needs --device cpu, got --device {args.device}")
+        args.threads = 1
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

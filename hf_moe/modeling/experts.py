@@ -80,6 +80,11 @@ class GroupedLinear(nn.Module):
             out = out + self.bias.to(x.dtype)[self.layout.expert_ids]
         return out
 
+    @property
+    def is_output_projection(self) -> bool:
+        """The layer writing back to the hidden size: `make_experts` gives it (only) the expert dropout."""
+        return self.input_dropout is not None
+
     def reset_parameters(self, init) -> None:
         """Switch init (Table 3): truncated normal, std sqrt(0.1 / fan_in), cut at 2 std.
 

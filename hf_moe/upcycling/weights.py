@@ -182,11 +182,10 @@ def _moe_block_of(dense_name: str, moe_blocks: dict[int, str]) -> tuple[int | No
 
 
 def _output_projection(moe, block_name: str) -> str:
-    """Name (inside the experts module) of the layer writing back to the hidden size; `make_experts`
-    marks it by giving it the expert dropout."""
+    """Name (inside the experts module) of the layer writing back to the hidden size."""
     experts = moe.get_submodule(f"{BACKBONE_PREFIX}{block_name}.experts")
     return "experts." + next(
-        n for n, m in experts.named_modules() if isinstance(m, GroupedLinear) and m.input_dropout is not None
+        n for n, m in experts.named_modules() if isinstance(m, GroupedLinear) and m.is_output_projection
     )
 
 
