@@ -12,6 +12,8 @@ This folder is copied next to saved checkpoints for ``trust_remote_code``: relat
 and no ``isinstance`` against our own config classes (they are loaded twice).
 """
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +33,9 @@ from .experts import ExpertLayout, GroupedLinear, make_experts
 from .routing import ExpertChoiceRouter, RoutingRecord, TokenChoiceRouter
 
 LAYER_LIST_NAMES = ("layers", "h", "blocks")
+# Where a dense head keeps its decoder (its base_model_prefix): "model" for llama, mistral, qwen2/3,
+# gemma3, phi3 and olmo2, "transformer" for gpt2. A head's checkpoint holds backbone.<prefix>.layers...
+HEAD_DECODER_PREFIXES = ("model", "transformer")
 FEED_FORWARD_NAMES = ("mlp", "feed_forward", "ffn")
 
 
@@ -147,10 +152,13 @@ class MoeBlock(nn.Module):
 
 @dataclass
 class MoeModelOutput(ModelOutput):
-    """Outputs of every hf_moe head.
+    """Routing fields that every hf_moe output adds to its backbone's output.
+
+    A forward returns `moe_output_class` of the backbone's output class: the backbone's own fields
+    (logits, the cache under the name the installed transformers declares, hidden states, ...)
+    followed by these.
 
     Args:
-        loss: task loss plus ``router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss`` when labels are given.
         aux_loss: load-balancing loss (Switch eq. 4), mean over MoE layers; None for expert choice.
         z_loss: router z-loss (ST-MoE eq. 5), mean over MoE layers.
         expert_load: (moe_layers, experts) fraction of the computed token-expert pairs each expert got.
@@ -158,17 +166,27 @@ class MoeModelOutput(ModelOutput):
         router_logits: per MoE layer (tokens, experts) float32, when ``output_router_logits``.
     """
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    last_hidden_state: torch.Tensor | None = None
-    past_key_values: object | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
     aux_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
     expert_load: torch.Tensor | None = None
     dropped_fraction: torch.Tensor | None = None
     router_logits: tuple[torch.Tensor, ...] | None = None
+
+
+@functools.cache
+def moe_output_class(backbone_output_class: type) -> type:
+    """The backbone's output class extended with the `MoeModelOutput` fields.
+
+    Subclassing what the backbone returns (not declaring its fields again) keeps every field the
+    installed transformers release declares, whatever it names them: the cache field was renamed
+    from ``past_key_values`` to ``cache`` in transformers 5.24, and generation carries the cache
+    forward by that name. ``loss`` is the backbone's task loss plus the router terms. Cached, so
+    each class is created (and registered as a pytree node by transformers) once.
+    """
+    name = "Moe" + backbone_output_class.__name__
+    return dataclasses.make_dataclass(
+        name, [], bases=(MoeModelOutput, backbone_output_class), namespace={"__module__": __name__}
+    )
 
 
 def load_balancing_loss(record: RoutingRecord, token_mask: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -200,6 +218,10 @@ class MoePreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     # Which Auto class builds the dense model of this head.
     dense_auto_class = AutoModel
+    # The architecture's model without a head (set below each architecture's classes).
+    headless_class = None
+    # A headless model loaded from a head's checkpoint ignores the head's weights.
+    _keys_to_ignore_on_load_unexpected = [r"^backbone\.(?:lm_head|score)\."]
     # Expert choice outside training; None for token choice.
     default_inference_routing: str | None = None
 
@@ -218,7 +240,22 @@ class MoePreTrainedModel(PreTrainedModel):
                 dense_mlp, config.num_experts, hidden_size, config.expert_dropout, layout, config.text_config.model_type
             )
             setattr(parent, child, MoeBlock(self._make_router(hidden_size, weight), experts, layout))
+        # auto_map lists every Auto class a saved checkpoint serves: saving adds the head's own
+        # class; AutoModel loads the decoder without its head from any head's checkpoint.
+        module = type(self).__module__.rpartition(".")[2]
+        config.auto_map = {
+            **(getattr(config, "auto_map", None) or {}),
+            "AutoModel": f"{module}.{self.headless_class.__name__}",
+        }
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        if cls.dense_auto_class is AutoModel and "key_mapping" not in kwargs:
+            # A head's checkpoint keeps the decoder one level deeper (backbone.model.layers.0...);
+            # read it into this headless model, as AutoModel does with native checkpoints.
+            kwargs["key_mapping"] = {rf"^backbone\.(?:{'|'.join(HEAD_DECODER_PREFIXES)})\.": "backbone."}
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def _make_router(self, hidden_size: int, weight: torch.Tensor) -> nn.Module:
         if self.config.model_type == "switch_moe":
@@ -266,7 +303,7 @@ class MoePreTrainedModel(PreTrainedModel):
         output_routing_stats=None,
         return_dict=None,
         **kwargs,
-    ) -> MoeModelOutput | tuple:
+    ) -> ModelOutput | tuple:
         r"""Run the backbone (all its arguments pass through) and collect the routing of every MoE layer.
 
         output_router_logits: also return every MoE layer's router logits (default: the config's).
@@ -298,8 +335,9 @@ class MoePreTrainedModel(PreTrainedModel):
             loss = loss + self.config.router_z_loss_coef * extras["z_loss"]
             if extras["aux_loss"] is not None:
                 loss = loss + self.config.router_aux_loss_coef * extras["aux_loss"]
-        fields = {k: v for k, v in outputs.items() if k != "loss"}
-        output = MoeModelOutput(loss=loss, **fields, **extras)
+        output = moe_output_class(type(outputs))(**{**outputs, **extras})
+        if loss is not None:
+            output.loss = loss
         return output.to_tuple() if return_dict is False else output
 
     def _routing_outputs(self, records: list[RoutingRecord], token_mask: torch.Tensor | None) -> dict:
@@ -344,6 +382,9 @@ class SwitchMoeModel(SwitchMoePreTrainedModel):
     """Token-choice MoE decoder without a head (AutoModel)."""
 
 
+SwitchMoePreTrainedModel.headless_class = SwitchMoeModel
+
+
 class SwitchMoeForCausalLM(SwitchMoePreTrainedModel, MoeGenerationMixin):
     """Token-choice MoE causal LM (AutoModelForCausalLM)."""
 
@@ -363,6 +404,9 @@ class ExpertChoiceMoePreTrainedModel(MoePreTrainedModel):
 
 class ExpertChoiceMoeModel(ExpertChoiceMoePreTrainedModel):
     """Expert-choice MoE decoder without a head (AutoModel); see `ExpertChoiceRouter` on causality."""
+
+
+ExpertChoiceMoePreTrainedModel.headless_class = ExpertChoiceMoeModel
 
 
 class ExpertChoiceMoeForCausalLM(ExpertChoiceMoePreTrainedModel, MoeGenerationMixin):
