@@ -2,13 +2,19 @@
 
 Both nest the dense decoder they transform as ``text_config`` (any decoder config transformers
 knows) and list the layers whose feed-forward block becomes a sparse MoE block in ``moe_layers``.
-Defaults follow the Switch Transformer and ST-MoE papers (see REFERENCE.md).
+Defaults follow Fedus et al. 2021, "Switch Transformers" (eq. 2-4, Table 4) and Zoph et al. 2022,
+"ST-MoE" (eq. 5, §4).
 
 This file is copied next to saved checkpoints for ``trust_remote_code``: relative imports only.
 """
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+
+# The release of this code, and the transformers releases it is tested with. Both are written into
+# every saved config.json: this file travels with checkpoints and meets later transformers releases.
+HF_MOE_VERSION = "0.2.0"
+SUPPORTED_TRANSFORMERS = ">=5.23,<5.25"
 
 MOE_LAYER_SHORTHANDS = ("all", "every_other", "last_half")
 INFERENCE_ROUTINGS = ("expert_choice", "threshold")
@@ -47,6 +53,13 @@ class MoeConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         # The nested decoder owns embedding tying; mirror it so the outer model reports it too.
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        # Which code wrote this checkpoint, and the transformers releases that code supports.
+        output["hf_moe_version"] = HF_MOE_VERSION
+        output["hf_moe_supported_transformers"] = SUPPORTED_TRANSFORMERS
+        return output
 
     def _moe_problems(self) -> list[str]:
         problems = []

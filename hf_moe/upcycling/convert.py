@@ -12,7 +12,6 @@ import re
 import shutil
 import tempfile
 import uuid
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from transformers.utils import CONFIG_NAME
 from transformers.utils.hub import convert_file_size_to_int
 
 from ..cards import upcycled_model_card
+from ..modeling.configuration_moe import HF_MOE_VERSION
 from .settings import DEFAULT_NOISE_STD, UpcyclingSettings
 from .streaming import DenseCheckpoint, file_sha256, write_sharded_safetensors
 from .verify import VerificationError, verify_conversion
@@ -92,7 +92,7 @@ def upcycle_model(
         "source": dense_model.name_or_path or None,
         "revision": None,
         **settings.record(),
-        "hf_moe_version": version("hf-moe"),
+        "hf_moe_version": HF_MOE_VERSION,
     }
     config = settings.build_config(text_config, upcycling=record)
     config.dtype = dense_model.dtype
@@ -193,7 +193,7 @@ def upcycle_checkpoint(
         **origin,
         **settings.record(),
         "dtype": str(target_dtype).removeprefix("torch.") if target_dtype else None,
-        "hf_moe_version": version("hf-moe"),
+        "hf_moe_version": HF_MOE_VERSION,
     }
     config = settings.build_config(text_config, upcycling=record)
     plan = plan_conversion(config, head)
