@@ -1,28 +1,29 @@
-"""Model cards: Jinja templates in the top-level ``model_cards/`` folder, rendered with strict fields.
+"""Model cards: Jinja templates shipped in ``hf_moe/card_templates/``, rendered with strict fields.
 
 `render_model_card` is generic (any template, any fields); the YAML front matter comes from a
 `huggingface_hub.ModelCardData` passed as ``card_data`` and the result is parsed back with
 `huggingface_hub.ModelCard`, so a card that the Hub would reject fails here.
 """
 
-from pathlib import Path
+from importlib import resources
 
 import jinja2
 from huggingface_hub import ModelCard, ModelCardData
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "model_cards"
+TEMPLATES = resources.files("hf_moe") / "card_templates"
 
 
-def template_path(template_name: str) -> Path:
-    path = TEMPLATES_DIR / f"{template_name}.md"
-    if not path.is_file():
-        available = sorted(p.stem for p in TEMPLATES_DIR.glob("*.md")) if TEMPLATES_DIR.is_dir() else []
-        raise FileNotFoundError(f"No model card template {template_name!r} in {TEMPLATES_DIR}; available: {available}")
-    return path
+def read_template(template_name: str) -> str:
+    """The text of ``card_templates/<template_name>.md``, read as package data (works from a wheel)."""
+    template = TEMPLATES / f"{template_name}.md"
+    if not template.is_file():
+        available = sorted(t.name.removesuffix(".md") for t in TEMPLATES.iterdir() if t.name.endswith(".md"))
+        raise FileNotFoundError(f"No model card template {template_name!r} in {TEMPLATES}; available: {available}")
+    return template.read_text(encoding="utf-8")
 
 
 def render_model_card(template_name: str, **fields) -> str:
-    """Render ``model_cards/<template_name>.md``.
+    """Render ``card_templates/<template_name>.md``.
 
     ``card_data`` (a `ModelCardData`) becomes the YAML front matter (``{{ card_data }}`` in the
     template); every other field is a template variable. A variable the template uses but
@@ -32,7 +33,7 @@ def render_model_card(template_name: str, **fields) -> str:
     environment = jinja2.Environment(
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True
     )
-    template = environment.from_string(template_path(template_name).read_text())
+    template = environment.from_string(read_template(template_name))
     try:
         text = template.render(card_data=card_data.to_yaml(), **fields)
     except jinja2.UndefinedError as error:
@@ -50,7 +51,7 @@ def format_count(count: float) -> str:
 
 
 def upcycled_model_card(plan, model_name: str) -> str:
-    """The card of an upcycled checkpoint (``model_cards/upcycled.md``) from its conversion plan."""
+    """The card of an upcycled checkpoint (``card_templates/upcycled.md``) from its conversion plan."""
     from .upcycling.weights import parameter_counts  # the card needs the plan's meta model
 
     config = plan.config

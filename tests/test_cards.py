@@ -1,4 +1,4 @@
-"""render_model_card: generic Jinja templates from model_cards/, strict fields, valid front matter."""
+"""render_model_card: generic Jinja templates shipped in hf_moe/card_templates/, strict fields, valid front matter."""
 
 import pytest
 from huggingface_hub import ModelCard, ModelCardData
@@ -9,7 +9,7 @@ from hf_moe.cards import format_count, render_model_card
 
 @pytest.fixture
 def templates(tmp_path, monkeypatch):
-    monkeypatch.setattr(cards, "TEMPLATES_DIR", tmp_path)
+    monkeypatch.setattr(cards, "TEMPLATES", tmp_path)
     (tmp_path / "finetuned.md").write_text("---\n{{ card_data }}\n---\n\n# {{ model_name }}\n\nscore {{ score }}\n")
     return tmp_path
 
@@ -35,8 +35,9 @@ def test_unknown_template_lists_the_available_ones(templates):
         render_model_card("nope")
 
 
-def test_the_shipped_upcycled_template_exists():
-    assert cards.template_path("upcycled").is_file()
+@pytest.mark.parametrize("name", ["upcycled", "finetuned"])
+def test_the_shipped_templates_are_package_data(name):
+    assert "{{ card_data }}" in cards.read_template(name)
 
 
 @pytest.mark.parametrize("count, text", [(999, "999"), (43_550, "43.55K"), (7_241_732_096, "7.24B")])

@@ -125,7 +125,7 @@ def write_model_card(
     saved: dict,
     metric_names: list[str],
 ) -> str:
-    """Render ``model_cards/finetuned.md`` into ``output_dir/README.md``, with the expert-load and
+    """Render ``card_templates/finetuned.md`` into ``output_dir/README.md``, with the expert-load and
     loss-curve plots and the evaluation history (``evaluations.json``) next to it."""
     plot_expert_load(routing, os.path.join(output_dir, EXPERT_LOAD_PLOT), title="Expert load on the validation data")
     plot_loss_curves(history, os.path.join(output_dir, LOSS_CURVES_PLOT))
