@@ -11,7 +11,7 @@ Every setting is a field of `hf_moe.training.ClassificationConfig`; unknown keys
 
 The model is an hf_moe checkpoint, or a dense checkpoint upcycled on the fly (``upcycle``
 section); a new classification head is added on top of the last non-padding token.
-Regularisation follows Switch Table 4 and ST-MoE (REFERENCE.md, "Fine-tuning"): expert dropout
+Regularisation follows Switch Table 4 and ST-MoE (docs/moe-reference.md, "Fine-tuning"): expert dropout
 0.4 with backbone dropout 0.1, router z-loss, training only the non-MoE parameters.
 Each evaluation scores the validation data and a fixed subset of the training data (both in
 evaluation mode) side by side: loss, accuracy, F1, and the routing health of every MoE layer.

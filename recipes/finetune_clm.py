@@ -9,7 +9,7 @@ or without accelerate: ``python recipes/finetune_clm.py --config recipes/configs
 Every setting is a field of `hf_moe.training.CausalLMConfig`; unknown keys or flags are errors.
 
 The model is an hf_moe checkpoint, or a dense checkpoint upcycled on the fly (``upcycle``
-section). Regularisation follows the Switch and ST-MoE fine-tuning recipes (REFERENCE.md,
+section). Regularisation follows the Switch and ST-MoE fine-tuning recipes (docs/moe-reference.md,
 "Fine-tuning"): router z-loss, expert dropout, training only the non-MoE parameters.
 Each evaluation scores the validation data and a fixed subset of the training data (both in
 evaluation mode) side by side, with the routing health of every MoE layer.

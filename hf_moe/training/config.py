@@ -67,7 +67,7 @@ class FinetuneConfig:
     model_name_or_path: str = ""
     tokenizer_name_or_path: str | None = None
     upcycle: UpcycleOptions | None = None
-    # MoE and regularisation options (REFERENCE.md, "Fine-tuning").
+    # MoE and regularisation options (docs/moe-reference.md, "Fine-tuning").
     router_aux_loss_coef: float | None = None
     router_z_loss_coef: float | None = None
     expert_dropout: float | None = None

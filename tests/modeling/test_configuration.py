@@ -1,4 +1,4 @@
-"""Configurations: defaults from REFERENCE.md, JSON round trip, validation messages."""
+"""Configurations: defaults from docs/moe-reference.md, JSON round trip, validation messages."""
 
 import json
 

@@ -76,7 +76,7 @@ def test_padding_tokens_get_no_assignment_and_take_no_capacity():
 
 
 def test_top1_without_renormalisation_scales_the_expert_output_by_the_gate():
-    # Switch eq. 2: y = p_max(x) * E(x); with equal experts, y = p_max(x) * F(x) (REFERENCE.md).
+    # Switch eq. 2: y = p_max(x) * E(x); with equal experts, y = p_max(x) * F(x) (docs/moe-reference.md).
     model = switch_model(capacity_factor=None).eval()
     block = first_block(model)
     dense = AutoModelForCausalLM.from_config(dense_config("llama")).model.layers[1].mlp
