@@ -105,14 +105,16 @@ def test_python_dash_m_parser_converts(save_dense, tmp_path, capsys):
     [
         (
             ["--routing", "expert_choice", "--top-k", "2"],
-            "'num_experts_per_tok'] is not a setting of routing 'expert_choice'",
+            "'--top-k'] is not a setting of routing 'expert_choice'",
         ),
         (["--drop-ratio", "0.3"], "--drop-ratio applies to --expert-init drop only, got --expert-init copy"),
         (
             ["--noise-std", "0.3", "--expert-init", "drop"],
             "--noise-std applies to --expert-init noise only, got --expert-init drop",
         ),
-        (["--num-experts", "2", "--top-k", "3"], "num_experts_per_tok must be between 1 and num_experts (2), got 3"),
+        (["--num-experts", "2", "--top-k", "3"], "--top-k must be between 1 and --num-experts (2), got 3"),
+        (["--seed", "-1"], "--seed must be an integer >= 0, got -1"),
+        (["--max-shard-size", "lots"], "--max-shard-size must be a positive size such as '5GB'"),
     ],
 )
 def test_user_errors_exit_with_a_message(extra, message, save_dense, tmp_path, capsys):
