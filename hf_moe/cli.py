@@ -262,7 +262,7 @@ def in_cli_terms(message: str, names: dict[str, str]) -> str:
             return flag if value == "True" else f"--no-{flag[2:]}"
         return f"{flag} {value}"
 
-    pattern = rf"(?<![\w-])(?P<name>{alternatives})(?:=(?P<value>[^\s,;)]+)|(?P<after>(?= must\b))|\b)"
+    pattern = rf"(?<![\w-])(?P<name>{alternatives})(?:=(?P<value>[^\s,;:)]+)|(?P<after>(?= must\b))|\b)"
     return re.sub(pattern, replace, message)
 
 

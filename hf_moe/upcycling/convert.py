@@ -200,11 +200,11 @@ def upcycle_checkpoint(
     target_dtype = _parse_dtype(dtype)
     shard_bytes = _parse_size(max_shard_size)
     output_dir = _real_output_dir(output_dir)
+    clear_stale_staging(output_dir)
     _check_output_dir(output_dir, overwrite)
     folder, origin = resolve_source(source, revision)
     if folder == output_dir or output_dir in folder.parents:
         raise ValueError(f"output_dir={str(output_dir)!r} must not be or contain source={str(folder)!r}")
-    clear_stale_staging(output_dir)
     tokenizer_code = _tokenizer_remote_code(folder, allow_tokenizer_remote_code)
 
     text_config = load_dense_config(folder)
@@ -239,22 +239,13 @@ def upcycle_checkpoint(
         staging = Path(tempfile.mkdtemp(prefix=staging_prefix(output_dir, "unfinished"), dir=output_dir.parent))
         try:
             staging.chmod(0o755)  # mkdtemp makes it private; the published folder should not be
-            try:
-                write_sharded_safetensors(
-                    staging,
-                    outputs,
-                    lambda out: produce(plans[out.name], out, read, settings, config),
-                    shard_bytes,
-                    progress,
-                )
-            except OSError as error:
-                if error.errno == errno.ENOSPC:
-                    raise OSError(
-                        errno.ENOSPC,
-                        f"No disk space left on {output_dir.parent} while writing {format_bytes(total_bytes)} of "
-                        "MoE weights; nothing was written to output_dir",
-                    ) from None
-                raise
+            write_sharded_safetensors(
+                staging,
+                outputs,
+                lambda out: produce(plans[out.name], out, read, settings, config),
+                shard_bytes,
+                progress,
+            )
             floating = [out.dtype for out in outputs if out.dtype.is_floating_point]
             config.dtype = max(set(floating), key=floating.count) if floating else None
             _write_metadata(staging, plan, folder)
@@ -271,8 +262,14 @@ def upcycle_checkpoint(
                 config.save_pretrained(staging)
             (staging / "README.md").write_text(upcycled_model_card(plan, output_dir.name))
             _publish(staging, output_dir, overwrite)
-        except BaseException:
+        except BaseException as error:
             shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+                raise OSError(
+                    errno.ENOSPC,
+                    f"No disk space left on {output_dir.parent} while writing the MoE checkpoint "
+                    f"({format_bytes(total_bytes)} of weights); nothing was written to output_dir",
+                ) from None
             raise
     return output_dir
 
@@ -497,12 +494,15 @@ def _publish(staging: Path, output_dir: Path, overwrite: bool) -> None:
                 "overwrite=True to replace it"
             )
         replaced = Path(tempfile.mkdtemp(prefix=staging_prefix(output_dir, "replaced"), dir=output_dir.parent))
-        os.rename(output_dir, replaced / output_dir.name)
+        previous = replaced / output_dir.name
         try:
+            os.rename(output_dir, previous)
             os.rename(staging, output_dir)
-        except BaseException:
-            os.rename(replaced / output_dir.name, output_dir)
-            replaced.rmdir()
+        except BaseException:  # Ctrl-C included: put the previous output back unless the new one is in place
+            if not output_dir.exists() and previous.exists():
+                os.rename(previous, output_dir)
+            if output_dir.exists():
+                shutil.rmtree(replaced, ignore_errors=True)
             raise
         shutil.rmtree(replaced)
         return
