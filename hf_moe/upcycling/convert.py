@@ -397,8 +397,9 @@ def clear_stale_staging(output_dir: Path) -> None:
 
     Left by a conversion on this host whose process is gone (killed, machine crash): an unfinished
     folder is removed; a replaced one (the previous output, moved aside during ``overwrite``) is
-    removed when the new output was published, and moved back otherwise. A folder of a live process,
-    or of another host, is not touched: the conversion is refused with the command that removes it.
+    removed when the new output was published, and moved back otherwise. A folder of a live process (or
+    of one that reused its pid), or of another host, is not touched: the conversion is refused with the
+    command that removes it.
     """
     pattern = re.compile(
         rf"\.{re.escape(output_dir.name)}\.{STAGING_TAG}-(?P<state>unfinished|replaced)\.(?P<host>[\w-]+)\.(?P<pid>\d+)\."
