@@ -113,4 +113,5 @@ def upcycled_model_card(plan, model_name: str) -> str:
         seed=upcycling["seed"],
         dtype=upcycling.get("dtype") or "as the source",
         verification=verification,
+        tokenizer_remote_code=upcycling.get("tokenizer_remote_code_not_copied"),
     )

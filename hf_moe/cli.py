@@ -8,13 +8,15 @@ sets ``handler``; `main` dispatches to it and turns user errors into a message a
 
 import argparse
 import json
+import re
 import sys
+import warnings
 
 from transformers.utils import CONFIG_NAME
 
 from .upcycling import EXPERT_INITS, ROUTINGS, upcycle_checkpoint
 from .upcycling.convert import DTYPES
-from .upcycling.settings import DEFAULT_NOISE_STD
+from .upcycling.settings import DEFAULT_NOISE_STD, UPCYCLING_TOP_K, UpcyclingWarning
 from .upcycling.verify import VerificationError, VerificationReport
 
 # Exit statuses: user error (bad option or input), verification failure, interrupted.
@@ -44,7 +46,14 @@ def _optional_float(text: str):
 # MoE config fields exposed as flags: (flag, config field, type, help). Only flags given on the
 # command line are passed on; the config class validates them and rejects the ones its routing lacks.
 CONFIG_FLAGS = (
-    ("--top-k", "num_experts_per_tok", int, "switch: experts per token, k of top-k (config default 1)"),
+    (
+        "--top-k",
+        "num_experts_per_tok",
+        int,
+        f"switch: experts per token, k of top-k (default {UPCYCLING_TOP_K}: with renormalised gates the model "
+        "computes the dense function at step 0 and the routers learn from the task loss; top-1 with "
+        "renormalised gates gives the routers no task-loss gradient and warns)",
+    ),
     (
         "--capacity-factor",
         "capacity_factor",
@@ -95,8 +104,9 @@ def add_upcycle_parser(subparsers) -> argparse.ArgumentParser:
         description=(
             "Convert a dense transformers checkpoint into an hf_moe Mixture-of-Experts checkpoint, streaming tensor by "
             "tensor with bounded memory. Experts start from the dense MLP, routers are freshly initialised. With "
-            "--expert-init copy, renormalised top-k (the default here) and dropless evaluation the MoE model computes "
-            "exactly the dense function."
+            f"--expert-init copy, renormalised top-k (the default here, top-{UPCYCLING_TOP_K}) and dropless "
+            "evaluation the MoE model computes exactly the dense function. Only tokenizer and generation data "
+            "files are copied from SOURCE, never code."
         ),
     )
     configure_upcycle_parser(parser)
@@ -147,7 +157,7 @@ def configure_upcycle_parser(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="switch: renormalise the top-k gates to sum 1 (default on for upcycling, which preserves the dense "
-        "function); --no-norm-topk-prob keeps Switch's raw gate",
+        "function); --no-norm-topk-prob keeps Switch's raw gate (the router learns, but step 0 is not exact)",
     )
     for flag, field, kind, help_text in CONFIG_FLAGS:
         parser.add_argument(flag, dest=field, type=kind, default=argparse.SUPPRESS, help=help_text)
@@ -167,8 +177,14 @@ def configure_upcycle_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR (only once the new one is complete)"
     )
+    parser.add_argument(
+        "--allow-tokenizer-remote-code",
+        action="store_true",
+        help="convert a SOURCE whose tokenizer needs custom code (auto_map); its code is still not copied, "
+        "and the model card says so (default: refuse such a SOURCE)",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
-    parser.set_defaults(handler=run_upcycle)
+    parser.set_defaults(handler=run_upcycle, flag_names=flag_names(parser))
 
 
 def run_upcycle(args: argparse.Namespace) -> int:
@@ -180,28 +196,74 @@ def run_upcycle(args: argparse.Namespace) -> int:
     if args.norm_topk_prob is not None:
         overrides["norm_topk_prob"] = args.norm_topk_prob
     options = {"noise_std": args.noise_std, "drop_ratio": args.drop_ratio}
-    output = upcycle_checkpoint(
-        args.source,
-        args.output_dir,
-        routing=args.routing,
-        num_experts=args.num_experts,
-        moe_layers=args.moe_layers,
-        expert_init=args.expert_init,
-        seed=args.seed,
-        dtype=args.dtype,
-        max_shard_size=args.max_shard_size,
-        verify=args.verify,
-        overwrite=args.overwrite,
-        revision=args.revision,
-        progress=args.progress,
-        **{k: v for k, v in options.items() if v is not None},
-        **overrides,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UpcyclingWarning)
+        output = upcycle_checkpoint(
+            args.source,
+            args.output_dir,
+            routing=args.routing,
+            num_experts=args.num_experts,
+            moe_layers=args.moe_layers,
+            expert_init=args.expert_init,
+            seed=args.seed,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            verify=args.verify,
+            overwrite=args.overwrite,
+            revision=args.revision,
+            progress=args.progress,
+            allow_tokenizer_remote_code=args.allow_tokenizer_remote_code,
+            **{k: v for k, v in options.items() if v is not None},
+            **overrides,
+        )
+    for warning in caught:
+        if issubclass(warning.category, UpcyclingWarning):
+            print(f"hf-moe: warning: {in_cli_terms(str(warning.message), args.flag_names)}", file=sys.stderr)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     verification = json.loads((output / CONFIG_NAME).read_text())["upcycling"].get("verification")
     if verification is not None:
         print(VerificationReport.from_dict(verification).summary())
     print(f"Wrote {output}")
     return 0
+
+
+def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Python argument name -> how the command line spells it (``num_experts_per_tok`` -> ``--top-k``)."""
+    names = {}
+    for action in parser._actions:
+        if action.option_strings:
+            names[action.dest] = next(
+                (o for o in action.option_strings if o.startswith("--")), action.option_strings[0]
+            )
+        elif action.metavar:
+            names[action.dest] = action.metavar
+    names.pop("help", None)
+    return names
+
+
+def in_cli_terms(message: str, names: dict[str, str]) -> str:
+    """Rewrite an API error in the words of the command line: ``overwrite=True`` -> ``--overwrite``,
+    ``num_experts_per_tok must`` -> ``--top-k must``, ``output_dir='x'`` -> ``OUTPUT_DIR 'x'``.
+
+    Names with an underscore are rewritten wherever they stand; plain words (``seed``, ``routing``,
+    ``source``) only in ``name=value`` form or before "must", where they cannot be ordinary prose.
+    """
+    if not names:
+        return message
+    alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+
+    def replace(match: re.Match) -> str:
+        name, value = match["name"], match["value"]
+        flag = names[name]
+        if value is None:
+            return flag if "_" in name or match["after"] is not None else match[0]
+        if value in ("True", "False") and flag.startswith("--"):  # store_true / BooleanOptionalAction flags
+            return flag if value == "True" else f"--no-{flag[2:]}"
+        return f"{flag} {value}"
+
+    pattern = rf"(?<![\w-])(?P<name>{alternatives})(?:=(?P<value>[^\s,;:)]+)|(?P<after>(?= must\b))|\b)"
+    return re.sub(pattern, replace, message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,7 +285,7 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return EXIT_VERIFICATION_FAILED
     except (ValueError, TypeError, OSError) as error:  # FileNotFoundError, FileExistsError, disk space
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        print(f"{parser.prog}: error: {in_cli_terms(str(error), getattr(args, 'flag_names', {}))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted; nothing was written to the output directory", file=sys.stderr)

@@ -14,6 +14,7 @@ and no ``isinstance`` against our own config classes (they are loaded twice).
 
 import dataclasses
 import functools
+import re
 from dataclasses import dataclass
 
 import torch
@@ -199,12 +200,15 @@ def load_balancing_loss(record: RoutingRecord, token_mask: torch.Tensor, num_exp
     probs = record.router_logits[token_mask].softmax(dim=-1)  # (valid tokens, experts)
     picks = record.top_experts[token_mask].flatten()
     fraction = torch.bincount(picks, minlength=num_experts).to(probs.dtype) / max(picks.numel(), 1)
-    return num_experts * (fraction * probs.mean(dim=0)).sum()
+    # A batch of padding only has no valid token: the sums are empty and the loss is 0, not NaN.
+    mean_probs = probs.sum(dim=0) / max(probs.shape[0], 1)
+    return num_experts * (fraction * mean_probs).sum()
 
 
 def router_z_loss(record: RoutingRecord, token_mask: torch.Tensor) -> torch.Tensor:
     """ST-MoE eq. 5: mean over non-padding tokens of (logsumexp_j h_j)^2."""
-    return record.router_logits[token_mask].logsumexp(dim=-1).square().mean()
+    squares = record.router_logits[token_mask].logsumexp(dim=-1).square()
+    return squares.sum() / max(squares.numel(), 1)  # 0 for a batch of padding only
 
 
 class MoePreTrainedModel(PreTrainedModel):
@@ -249,19 +253,33 @@ class MoePreTrainedModel(PreTrainedModel):
         }
         self.post_init()
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        if cls.dense_auto_class is AutoModel and "key_mapping" not in kwargs:
-            # A head's checkpoint keeps the decoder one level deeper (backbone.model.layers.0...);
-            # read it into this headless model, as AutoModel does with native checkpoints.
-            kwargs["key_mapping"] = {rf"^backbone\.(?:{'|'.join(HEAD_DECODER_PREFIXES)})\.": "backbone."}
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-
     def _make_router(self, hidden_size: int, weight: torch.Tensor) -> nn.Module:
         if self.config.model_type == "switch_moe":
             return TokenChoiceRouter(hidden_size, self.config, dtype=weight.dtype, device=weight.device)
         inference_routing = self.config.inference_routing or self.default_inference_routing
         return ExpertChoiceRouter(hidden_size, self.config, inference_routing, dtype=weight.dtype, device=weight.device)
+
+    @classmethod
+    def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
+        """transformers' loading, plus one check: the checkpoint's MoE weights must be the ones its
+        config describes. transformers only warns about missing or unexpected weights and
+        initialises the missing ones randomly; for MoE layers that would silently replace trained
+        experts with random ones, so it is an error here."""
+        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+        if cls.dense_auto_class is AutoModel and "key_mapping" not in kwargs:
+            # A head's checkpoint keeps the decoder one level deeper (backbone.model.layers.0...);
+            # read it into this headless model, as AutoModel does with native checkpoints.
+            kwargs["key_mapping"] = {rf"^backbone\.(?:{'|'.join(HEAD_DECODER_PREFIXES)})\.": "backbone."}
+        # Size mismatches are collected (not raised) so that those of expert weights can be named.
+        model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+        _check_moe_weights(model, info)
+        others = sorted(key for key, *_ in info["mismatched_keys"])
+        if others and not ignore_mismatched_sizes:
+            raise RuntimeError(
+                f"Weights of the checkpoint do not fit the model's shapes: {others[:5]} (pass "
+                "ignore_mismatched_sizes=True to initialise them randomly instead)"
+            )
+        return (model, info) if output_loading_info else model
 
     # Embeddings belong to the backbone (resizing, tying and PEFT go through these).
     def get_input_embeddings(self):
@@ -332,6 +350,7 @@ class MoePreTrainedModel(PreTrainedModel):
             extras["router_logits"] = tuple(r.router_logits for r in records)
         loss = outputs.get("loss")
         if loss is not None:
+            loss = self._zero_without_targets(loss, labels, kwargs)
             loss = loss + self.config.router_z_loss_coef * extras["z_loss"]
             if extras["aux_loss"] is not None:
                 loss = loss + self.config.router_aux_loss_coef * extras["aux_loss"]
@@ -339,6 +358,19 @@ class MoePreTrainedModel(PreTrainedModel):
         if loss is not None:
             output.loss = loss
         return output.to_tuple() if return_dict is False else output
+
+    def _zero_without_targets(self, loss: torch.Tensor, labels: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """A batch without any target token (all padding, labels all -100) has a task loss of 0 rather
+        than the NaN of a mean over nothing; its gradient is 0 either way. No host synchronisation."""
+        targets = kwargs.get("shift_labels")
+        if targets is None and labels is None:
+            return loss
+        if targets is None:
+            # Causal LM heads predict labels[:, 1:]; the first label is never a target.
+            targets = labels[..., 1:] if self.dense_auto_class is AutoModelForCausalLM else labels
+        if targets.is_floating_point():  # regression heads
+            return loss
+        return torch.where((targets != -100).any(), loss, loss.new_zeros(()))
 
     def _routing_outputs(self, records: list[RoutingRecord], token_mask: torch.Tensor | None) -> dict:
         """Router losses (means over MoE layers) and per-layer statistics over non-padding tokens."""
@@ -356,13 +388,46 @@ class MoePreTrainedModel(PreTrainedModel):
             expert_load.append(counts / counts.sum().clamp(min=1))
             processed = torch.zeros(tokens, dtype=torch.bool, device=valid.device)
             processed[r.assignments.token_idx] = True
-            dropped.append(1.0 - processed[valid].float().mean())
+            dropped.append((valid & ~processed).sum() / valid.sum().clamp(min=1))  # 0 without valid tokens
         return {
             "aux_loss": aux_loss,
             "z_loss": torch.stack([router_z_loss(r, valid) for r in records]).mean(),
             "expert_load": torch.stack(expert_load),
             "dropped_fraction": torch.stack(dropped),
         }
+
+
+MOE_WEIGHT = re.compile(r"\.(\d+)\.[^.]+\.(?:experts|router)\.")  # layer index of an expert/router tensor
+
+
+def _check_moe_weights(model: MoePreTrainedModel, info: dict) -> None:
+    """Raise when the loaded weights have MoE blocks in other layers, or other expert counts,
+    than the config (``moe_layers``, ``num_experts``)."""
+    config = model.config
+    missing = {k for k in info["missing_keys"] if MOE_WEIGHT.search(k)}
+    unexpected = {k for k in info["unexpected_keys"] if MOE_WEIGHT.search(k)}
+    # (name, checkpoint shape, model shape); dim 0 of expert and router weights is the expert count
+    mismatched = sorted((k, tuple(ckpt)) for k, ckpt, _ in info["mismatched_keys"] if MOE_WEIGHT.search(k))
+    if not (missing or unexpected or mismatched):
+        return
+    layers_missing = {int(MOE_WEIGHT.search(k)[1]) for k in missing}
+    layers_unexpected = {int(MOE_WEIGHT.search(k)[1]) for k in unexpected}
+    weight_layers = sorted((set(config.moe_layers) - layers_missing) | layers_unexpected)
+    problems = []
+    if missing or unexpected:
+        problems.append(
+            f"config moe_layers={list(config.moe_layers)}, but the weights have MoE blocks in layers {weight_layers}"
+        )
+    if mismatched:
+        name, shape = mismatched[0]
+        problems.append(
+            f"config num_experts={config.num_experts}, but the weights have {shape[0]} experts "
+            f"({name} is {list(shape)})"
+        )
+    raise ValueError(
+        "The checkpoint's config does not match its weights: " + "; ".join(problems) + ". Loading would "
+        "initialise those MoE layers randomly; fix config.json (moe_layers, num_experts) to describe the weights"
+    )
 
 
 class MoeGenerationMixin(GenerationMixin):

@@ -6,7 +6,7 @@ and expert initialisation of `weights`.
 """
 
 from .convert import upcycle_checkpoint, upcycle_model
-from .settings import EXPERT_INITS, ROUTINGS, UpcyclingSettings
+from .settings import EXPERT_INITS, ROUTINGS, UpcyclingSettings, UpcyclingWarning
 from .verify import VerificationError, VerificationReport
 from .weights import TESTED_MODEL_TYPES
 
@@ -15,6 +15,7 @@ __all__ = [
     "ROUTINGS",
     "TESTED_MODEL_TYPES",
     "UpcyclingSettings",
+    "UpcyclingWarning",
     "VerificationError",
     "VerificationReport",
     "upcycle_checkpoint",

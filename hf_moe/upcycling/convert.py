@@ -7,11 +7,13 @@ Both build the same `ConversionPlan` from meta-device models and produce every M
 import copy
 import errno
 import json
+import logging
 import os
 import re
+import shlex
 import shutil
+import socket
 import tempfile
-import uuid
 from pathlib import Path
 
 import torch
@@ -28,6 +30,7 @@ from .settings import DEFAULT_NOISE_STD, UpcyclingSettings
 from .streaming import DenseCheckpoint, file_sha256, write_sharded_safetensors
 from .verify import VerificationError, verify_conversion
 from .weights import (
+    check_dtypes,
     check_model_type,
     check_shapes,
     head_of,
@@ -38,8 +41,11 @@ from .weights import (
     produce,
 )
 
+logger = logging.getLogger(__name__)
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# Non-weight files that travel with the checkpoint.
+# Non-weight files that travel with the checkpoint: tokenizer and generation data, never code. A file
+# matching a pattern is copied only with one of DATA_SUFFIXES (a planted tokenizer.py is not).
 COPIED_FILE_PATTERNS = (
     "tokenizer*",
     "special_tokens_map.json",
@@ -51,6 +57,12 @@ COPIED_FILE_PATTERNS = (
     "chat_template*",
     "generation_config.json",
 )
+DATA_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".bpe")
+# Staging folders sit next to OUTPUT_DIR as .<name>.hf-moe-upcycle-<state>.<host>.<pid>.<random>:
+# "unfinished" while a conversion writes, "replaced" for the previous output during --overwrite.
+# The host and pid tell a later run whether the conversion that made one is still alive.
+STAGING_TAG = "hf-moe-upcycle"
+HOST = re.sub(r"[^\w-]", "-", socket.gethostname()) or "localhost"
 HUB_IGNORE_PATTERNS = ("*.h5", "*.msgpack", "*.onnx", "*.gguf", "*.tflite", "*.ot", "original/*", "consolidated*")
 REPO_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
@@ -101,6 +113,7 @@ def upcycle_model(
     state = dense_model.state_dict()
     mapping = match_source_names(plan, state)
     check_shapes(plan, lambda name: tuple(state[name].shape), mapping)
+    check_dtypes(plan, lambda name: state[name].dtype, mapping)
     outputs = output_tensors(plan, lambda dense_name: state[mapping[dense_name]].dtype, None)
 
     def read(dense_name: str) -> torch.Tensor:
@@ -143,6 +156,7 @@ def upcycle_checkpoint(
     overwrite: bool = False,
     revision: str | None = None,
     progress: bool = True,
+    allow_tokenizer_remote_code: bool = False,
     **config_overrides,
 ) -> Path:
     """Convert a dense checkpoint directory (or Hub id) into an MoE checkpoint, streaming.
@@ -164,6 +178,10 @@ def upcycle_checkpoint(
             in config.json.
         revision: Hub revision (Hub ids only).
         progress: show a progress bar over the bytes written.
+        allow_tokenizer_remote_code: convert a source whose tokenizer needs custom code (an ``auto_map`` in
+            its tokenizer config). Without it such a source is refused. Either way no code file is copied:
+            only tokenizer and generation data files travel; the missing code is recorded in config.json
+            and the model card.
         Other options as in `upcycle_model`.
 
     Returns:
@@ -181,11 +199,13 @@ def upcycle_checkpoint(
     )
     target_dtype = _parse_dtype(dtype)
     shard_bytes = _parse_size(max_shard_size)
-    output_dir = Path(output_dir).expanduser().absolute()
+    output_dir = _real_output_dir(output_dir)
+    clear_stale_staging(output_dir)
     _check_output_dir(output_dir, overwrite)
     folder, origin = resolve_source(source, revision)
     if folder == output_dir or output_dir in folder.parents:
-        raise ValueError(f"OUTPUT_DIR {str(output_dir)!r} must not be or contain SOURCE {str(folder)!r}")
+        raise ValueError(f"output_dir={str(output_dir)!r} must not be or contain source={str(folder)!r}")
+    tokenizer_code = _tokenizer_remote_code(folder, allow_tokenizer_remote_code)
 
     text_config = load_dense_config(folder)
     head = head_of((text_config.architectures or ["ForCausalLM"])[0])
@@ -195,12 +215,15 @@ def upcycle_checkpoint(
         "dtype": str(target_dtype).removeprefix("torch.") if target_dtype else None,
         "hf_moe_version": HF_MOE_VERSION,
     }
+    if tokenizer_code:
+        record["tokenizer_remote_code_not_copied"] = tokenizer_code
     config = settings.build_config(text_config, upcycling=record)
     plan = plan_conversion(config, head)
 
     with DenseCheckpoint(folder) as checkpoint:
         mapping = match_source_names(plan, checkpoint.keys())
         check_shapes(plan, checkpoint.shape, mapping)
+        check_dtypes(plan, checkpoint.dtype, mapping)
         outputs = output_tensors(plan, lambda dense_name: checkpoint.dtype(mapping[dense_name]), target_dtype)
         total_bytes = sum(out.nbytes for out in outputs)
         _check_disk_space(output_dir.parent, total_bytes)
@@ -213,24 +236,16 @@ def upcycle_checkpoint(
 
         plans = {out.name: t for t, out in zip(plan.tensors, outputs, strict=True)}
         output_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.incomplete-", dir=output_dir.parent))
+        staging = Path(tempfile.mkdtemp(prefix=staging_prefix(output_dir, "unfinished"), dir=output_dir.parent))
         try:
             staging.chmod(0o755)  # mkdtemp makes it private; the published folder should not be
-            try:
-                write_sharded_safetensors(
-                    staging,
-                    outputs,
-                    lambda out: produce(plans[out.name], out, read, settings, config),
-                    shard_bytes,
-                    progress,
-                )
-            except OSError as error:
-                if error.errno == errno.ENOSPC:
-                    raise OSError(
-                        errno.ENOSPC,
-                        f"No disk space left on {output_dir.parent} while writing {total_bytes} bytes of MoE weights",
-                    ) from None
-                raise
+            write_sharded_safetensors(
+                staging,
+                outputs,
+                lambda out: produce(plans[out.name], out, read, settings, config),
+                shard_bytes,
+                progress,
+            )
             floating = [out.dtype for out in outputs if out.dtype.is_floating_point]
             config.dtype = max(set(floating), key=floating.count) if floating else None
             _write_metadata(staging, plan, folder)
@@ -247,8 +262,14 @@ def upcycle_checkpoint(
                 config.save_pretrained(staging)
             (staging / "README.md").write_text(upcycled_model_card(plan, output_dir.name))
             _publish(staging, output_dir, overwrite)
-        except BaseException:
+        except BaseException as error:
             shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+                raise OSError(
+                    errno.ENOSPC,
+                    f"No disk space left on {output_dir.parent} while writing the MoE checkpoint "
+                    f"({format_bytes(total_bytes)} of weights); nothing was written to output_dir",
+                ) from None
             raise
     return output_dir
 
@@ -259,22 +280,24 @@ def resolve_source(source, revision: str | None) -> tuple[Path, dict]:
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise FileNotFoundError(f"SOURCE {str(source)!r} is a file; pass the checkpoint directory that contains it")
+            raise FileNotFoundError(f"source={str(source)!r} is a file; pass the checkpoint directory that contains it")
         if revision is not None:
             raise ValueError(
-                f"revision applies to Hub ids only, got revision={revision!r} for the local directory {str(source)!r}"
+                f"revision applies to Hub ids only, got revision={revision!r} for the local directory "
+                f"source={str(source)!r}"
             )
         return path.resolve(), {"source": str(path.resolve()), "revision": None}
     if not REPO_ID.fullmatch(str(source)):
         raise FileNotFoundError(
-            f"SOURCE {str(source)!r} is neither an existing directory nor a Hub repository id (owner/name)"
+            f"source={str(source)!r} is neither an existing directory nor a Hub repository id (owner/name)"
         )
     try:
         folder = Path(snapshot_download(str(source), revision=revision, ignore_patterns=list(HUB_IGNORE_PATTERNS)))
     except Exception as error:  # offline, not cached, unknown repo, network: all mean "cannot get it"
+        reason = str(error).strip().rstrip(".")
         raise FileNotFoundError(
-            f"SOURCE {str(source)!r} is not a local directory and could not be fetched from the Hugging Face Hub "
-            f"(revision {revision or 'main'}): {type(error).__name__}: {error}. Offline, the model must already be "
+            f"source={str(source)!r} is not a local directory and could not be fetched from the Hugging Face Hub "
+            f"(revision {revision or 'main'}): {type(error).__name__}: {reason}. Offline, the model must already be "
             "in the local Hub cache"
         ) from None
     return folder, {"source": str(source), "revision": folder.name}
@@ -285,11 +308,16 @@ def load_dense_config(folder: Path):
     if not config_path.is_file():
         raise FileNotFoundError(f"No {CONFIG_NAME} in {folder}: a dense transformers checkpoint needs one")
     try:
-        model_type = json.loads(config_path.read_text()).get("model_type")
+        raw = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{config_path} is not valid JSON: {error}") from None
-    check_model_type(model_type)
-    return AutoConfig.from_pretrained(folder)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_path} must hold a JSON object, got {type(raw).__name__}")
+    check_model_type(raw.get("model_type"), raw)
+    config = AutoConfig.from_pretrained(folder)  # the local transformers class: no remote code
+    if getattr(config, "auto_map", None):
+        del config.auto_map  # the source's custom code is not copied; the MoE config must not point to it
+    return config
 
 
 def _parse_dtype(dtype) -> torch.dtype | None:
@@ -312,13 +340,31 @@ def _parse_size(size) -> int:
     return value
 
 
+def format_bytes(count: int) -> str:
+    """A size in the largest decimal unit that keeps it >= 1 (B, kB, MB, GB, TB)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} B"
+
+
+def _real_output_dir(output_dir) -> Path:
+    """The output path with its parent's symlinks resolved; a symlink as the output itself is refused,
+    since publishing renames folders and replacing would act on the link's target."""
+    path = Path(output_dir).expanduser().absolute()
+    if path.is_symlink():
+        raise ValueError(
+            f"output_dir={str(output_dir)!r} is a symbolic link (to {os.readlink(path)!r}); pass a real directory "
+            "path, e.g. the link's target"
+        )
+    return path.parent.resolve() / path.name
+
+
 def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
     if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"OUTPUT_DIR {str(output_dir)!r} exists and is not a directory")
+        raise FileExistsError(f"output_dir={str(output_dir)!r} exists and is not a directory")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"OUTPUT_DIR {str(output_dir)!r} is not empty; pass overwrite=True (--overwrite) to replace it"
-        )
+        raise FileExistsError(f"output_dir={str(output_dir)!r} is not empty; pass overwrite=True to replace it")
 
 
 def _check_disk_space(folder: Path, needed: int) -> None:
@@ -327,9 +373,88 @@ def _check_disk_space(folder: Path, needed: int) -> None:
     if needed > free:
         raise OSError(
             errno.ENOSPC,
-            f"No disk space: the MoE checkpoint needs {needed / 1e9:.2f} GB "
-            f"but only {free / 1e9:.2f} GB are free on {existing}",
+            f"No disk space: the MoE checkpoint needs {format_bytes(needed)} "
+            f"but only {format_bytes(free)} are free on {existing}",
         )
+
+
+def staging_prefix(output_dir: Path, state: str) -> str:
+    return f".{output_dir.name}.{STAGING_TAG}-{state}.{HOST}.{os.getpid()}."
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clear_stale_staging(output_dir: Path) -> None:
+    """Deal with the staging folders of earlier conversions to ``output_dir`` that never finished.
+
+    Left by a conversion on this host whose process is gone (killed, machine crash): an unfinished
+    folder is removed; a replaced one (the previous output, moved aside during ``overwrite``) is
+    removed when the new output was published, and moved back otherwise. A folder of a live process (or
+    of one that reused its pid), or of another host, is not touched: the conversion is refused with the
+    command that removes it.
+    """
+    pattern = re.compile(
+        rf"\.{re.escape(output_dir.name)}\.{STAGING_TAG}-(?P<state>unfinished|replaced)\.(?P<host>[\w-]+)\.(?P<pid>\d+)\."
+    )
+    if not output_dir.parent.is_dir():
+        return
+    for path in sorted(output_dir.parent.iterdir()):
+        match = pattern.match(path.name)
+        if match is None or not path.is_dir() or path.is_symlink():
+            continue
+        pid, host, state = int(match["pid"]), match["host"], match["state"]
+        if host != HOST or _process_alive(pid):
+            where = f"pid {pid}" + ("" if host == HOST else f" on host {host}")
+            raise FileExistsError(
+                f"Another conversion to output_dir={str(output_dir)!r} ({where}) is running or was interrupted: "
+                f"its {state} folder {str(path)!r} exists. Wait for it to finish or, if it is not running, "
+                f"remove the folder: rm -rf {shlex.quote(str(path))}"
+            )
+        previous = path / output_dir.name  # a replaced folder holds the previous output under its own name
+        if state == "replaced" and previous.is_dir() and not output_dir.exists():
+            os.rename(previous, output_dir)
+            path.rmdir()
+            logger.warning(f"Restored {output_dir} from {path.name}, left by a conversion (pid {pid}) that died")
+        else:
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+            shutil.rmtree(path)
+            logger.warning(
+                f"Removed {path} ({format_bytes(size)}), left by a conversion (pid {pid}) that did not finish"
+            )
+
+
+def _tokenizer_remote_code(folder: Path, allowed: bool) -> dict | None:
+    """The ``auto_map`` through which the source's tokenizer would run custom code, or None.
+
+    Refused unless ``allowed``: the converted checkpoint copies no code, and copying the data of a
+    tokenizer that needs code makes a tokenizer that loads only with that code added back.
+    """
+    found = {}
+    for name, key in (("tokenizer_config.json", None), (CONFIG_NAME, "AutoTokenizer")):
+        try:
+            auto_map = json.loads((folder / name).read_text()).get("auto_map") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        entry = auto_map if key is None else ({key: auto_map[key]} if key in auto_map else {})
+        if entry:
+            found[name] = entry
+    if found and not allowed:
+        listed = "; ".join(f"auto_map {entry} in {name}" for name, entry in found.items())
+        raise ValueError(
+            f"The tokenizer of source={str(folder)!r} needs custom code ({listed}), which "
+            "trust_remote_code=True would run. hf_moe never copies code from a source: pass "
+            "allow_tokenizer_remote_code=True to convert it anyway (its data files are copied, the code is not, "
+            "and the model card says so), or use a source whose tokenizer is a transformers class"
+        )
+    return found or None
 
 
 def _write_metadata(staging: Path, plan, source_folder: Path) -> None:
@@ -339,32 +464,57 @@ def _write_metadata(staging: Path, plan, source_folder: Path) -> None:
     config.architectures = [plan.moe_class.__name__]
     custom_object_save(plan.meta_moe, staging, config=config)
     config.save_pretrained(staging)
+    skipped = []
     for pattern in COPIED_FILE_PATTERNS:
         for path in source_folder.glob(pattern):
-            if path.is_file():
+            if not path.is_file() or (staging / path.name).exists():
+                continue
+            if path.suffix in DATA_SUFFIXES:
                 shutil.copyfile(path, staging / path.name)
+            else:
+                skipped.append(path.name)
     templates = source_folder / "additional_chat_templates"
     if templates.is_dir():
-        shutil.copytree(templates, staging / templates.name)
+        (staging / templates.name).mkdir()
+        for path in templates.glob("*.jinja"):
+            if path.is_file():
+                shutil.copyfile(path, staging / templates.name / path.name)
+    if skipped:
+        logger.warning(f"Not copied from the source (not tokenizer or generation data): {sorted(skipped)}")
 
 
 def _publish(staging: Path, output_dir: Path, overwrite: bool) -> None:
     """Rename the finished folder into place; an existing non-empty one is replaced only with
     ``overwrite``, and only now that the new one is complete."""
+    if output_dir.is_symlink():  # made a link while the conversion ran
+        raise FileExistsError(f"output_dir={str(output_dir)!r} became a symbolic link during the conversion")
     if output_dir.is_dir() and any(output_dir.iterdir()):
         if not overwrite:
             raise FileExistsError(
-                f"OUTPUT_DIR {str(output_dir)!r} is not empty; pass overwrite=True (--overwrite) to replace it"
+                f"output_dir={str(output_dir)!r} is not empty (written while this conversion ran?); pass "
+                "overwrite=True to replace it"
             )
-        replaced = output_dir.with_name(f".{output_dir.name}.replaced-{uuid.uuid4().hex[:8]}")
-        os.rename(output_dir, replaced)
+        replaced = Path(tempfile.mkdtemp(prefix=staging_prefix(output_dir, "replaced"), dir=output_dir.parent))
+        previous = replaced / output_dir.name
         try:
+            os.rename(output_dir, previous)
             os.rename(staging, output_dir)
-        except BaseException:
-            os.rename(replaced, output_dir)
+        except BaseException:  # Ctrl-C included: put the previous output back unless the new one is in place
+            if not output_dir.exists() and previous.exists():
+                os.rename(previous, output_dir)
+            if output_dir.exists():
+                shutil.rmtree(replaced, ignore_errors=True)
             raise
         shutil.rmtree(replaced)
-    else:
+        return
+    try:
         if output_dir.is_dir():
             output_dir.rmdir()
         os.rename(staging, output_dir)
+    except OSError as error:
+        if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        raise FileExistsError(
+            f"output_dir={str(output_dir)!r} was filled by another process while this conversion ran; "
+            "it was left as it is"
+        ) from None

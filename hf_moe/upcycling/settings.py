@@ -6,6 +6,7 @@ options and rejects configuration keys the chosen routing does not have.
 """
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedConfig
@@ -15,6 +16,19 @@ from ..modeling import ExpertChoiceMoeConfig, SwitchMoeConfig
 ROUTINGS = {"switch": SwitchMoeConfig, "expert_choice": ExpertChoiceMoeConfig}
 EXPERT_INITS = ("copy", "noise", "drop")
 DEFAULT_NOISE_STD = 0.01
+# Token-choice defaults of an upcycled model: renormalised top-2 computes the dense function at step 0
+# (copied experts, gates summing to 1) and its router learns from the task loss, whereas the single
+# renormalised gate of top-1 is always exactly 1 and passes the router no gradient (measured router
+# gradient norm from the task loss after copy upcycling: top-1 ~1e-9, top-2 ~2e-3; README, Upcycling).
+# Top-2 is also what sparse upcycling uses for decoders (Komatsuzaki et al. 2023, §3.1).
+UPCYCLING_TOP_K = 2
+UPCYCLING_NORM_TOPK_PROB = True
+
+
+class UpcyclingWarning(UserWarning):
+    """Settings that convert, but that a user most likely does not want."""
+
+
 # Set by the converter itself, not by overrides.
 _RESERVED_FIELDS = {"text_config", "num_experts", "moe_layers", "tie_word_embeddings"}
 
@@ -41,8 +55,10 @@ class UpcyclingSettings:
         drop_ratio: fraction of intermediate neurons re-initialised per expert (``expert_init="drop"``).
         seed: seeds the routers and the noise / dropped neurons; the same seed gives the same tensors.
         config_overrides: further fields of the MoE config (``num_experts_per_tok``, ``capacity_factor``, ...).
-            For token choice ``norm_topk_prob`` defaults to True here (unlike the config), so the
-            upcycled model starts out computing the dense function.
+            For token choice ``num_experts_per_tok`` defaults to 2 and ``norm_topk_prob`` to True here
+            (unlike the config's 1 and False): the upcycled model starts out computing the dense
+            function and its routers learn from the task loss. Top-1 with renormalised gates is
+            accepted with a warning: its gate is always 1, so the routers learn only from the router losses.
     """
 
     routing: str = "switch"
@@ -85,13 +101,29 @@ class UpcyclingSettings:
         """The MoE config around ``text_config``; the config class validates the routing settings."""
         overrides = dict(self.config_overrides)
         if self.routing == "switch":
-            overrides.setdefault("norm_topk_prob", True)
+            overrides.setdefault("norm_topk_prob", UPCYCLING_NORM_TOPK_PROB)
+            if isinstance(self.num_experts, int) and self.num_experts >= 1:
+                overrides.setdefault("num_experts_per_tok", min(UPCYCLING_TOP_K, self.num_experts))
         moe_layers = list(self.moe_layers) if isinstance(self.moe_layers, tuple) else self.moe_layers
         config = ROUTINGS[self.routing](
             text_config=text_config, num_experts=self.num_experts, moe_layers=moe_layers, **overrides
         )
         if upcycling is not None:
             config.upcycling = upcycling
+        if (
+            self.routing == "switch"
+            and config.num_experts_per_tok == 1
+            and config.norm_topk_prob
+            and config.num_experts > 1
+        ):
+            warnings.warn(
+                "num_experts_per_tok=1 with norm_topk_prob=True: the single renormalised gate is always 1, so the "
+                "routers get no gradient from the task loss (only from the load-balancing and z-losses). Use "
+                "num_experts_per_tok=2 (the default) to keep the dense function at step 0 and train the routers, "
+                "or norm_topk_prob=False for Switch's raw gate (not exact at step 0)",
+                UpcyclingWarning,
+                stacklevel=3,
+            )
         return config
 
     def record(self) -> dict:

@@ -5,7 +5,7 @@ tensors, cast to the output dtype) and through the new MoE block (read back from
 shards), all in float32 and eval mode. Then, when both models fit in memory, whole-model outputs
 on random tokens are compared. Deviations are relative: max |moe - dense| / max |dense|.
 
-Function-preserving settings (docs/moe-reference.md, "Function preservation"): every expert a copy and the
+Function-preserving settings (sparse upcycling, Komatsuzaki et al. 2023, §3): every expert a copy and the
 combine weights of each token summing to 1 with nothing dropped, i.e. token choice with
 ``norm_topk_prob=True`` and dropless evaluation, or expert choice in threshold mode with the
 untrained (zero) thresholds, where every token reaches every expert. There the deviation must be

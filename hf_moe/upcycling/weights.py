@@ -57,10 +57,23 @@ def unsupported_architecture(model_type, reason: str) -> ValueError:
     )
 
 
-def check_model_type(model_type) -> None:
+# Config fields that give a native MoE checkpoint away (Mixtral, Qwen2/3-MoE, DeepSeek, DBRX, OLMoE, ...).
+EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def check_model_type(model_type, config: dict | None = None) -> None:
+    """Refuse sources that are not dense transformers decoders; ``config`` is the source's config as a dict."""
     if model_type in ("switch_moe", "expert_choice_moe"):
         raise ValueError(
             f"The source is already an hf_moe model (model_type {model_type!r}); upcycle a dense checkpoint"
+        )
+    experts = {k: v for k, v in (config or {}).items() if k in EXPERT_COUNT_FIELDS and isinstance(v, int) and v > 1}
+    if experts:
+        found = ", ".join(f"{k}={v}" for k, v in experts.items())
+        raise ValueError(
+            f"The source is already a Mixture-of-Experts model (model_type {model_type!r}, {found}); upcycling "
+            "turns a dense checkpoint into an MoE one. To use a native MoE checkpoint with hf_moe, convert it with "
+            "`hf-moe import SOURCE OUTPUT_DIR`"
         )
     if model_type not in CONFIG_MAPPING:
         raise unsupported_architecture(model_type, "transformers does not know it")
@@ -112,7 +125,7 @@ class ConversionPlan:
 def plan_conversion(moe_config, head: int) -> ConversionPlan:
     """Build the dense and MoE models of ``head`` on the meta device and map every MoE tensor."""
     text_config = moe_config.text_config
-    check_model_type(text_config.model_type)
+    check_model_type(text_config.model_type, text_config.to_dict())
     moe_class = ARCHITECTURES[type(moe_config)][head]
     with torch.device("meta"):
         dense = DENSE_AUTO_CLASSES[head].from_config(text_config)
@@ -236,6 +249,22 @@ def check_shapes(plan: ConversionPlan, shape_of: Callable[[str], tuple[int, ...]
     if bad:
         raise ValueError(
             "Mismatched shapes between the dense checkpoint and its config:\n  - " + "\n  - ".join(bad[:20])
+        )
+
+
+def check_dtypes(plan: ConversionPlan, dtype_of: Callable[[str], torch.dtype], mapping: dict[str, str]) -> None:
+    """Weights the dense model holds in floating point must be floating point in the checkpoint too."""
+    expected = {name: tensor.dtype for name, tensor in plan.meta_dense.state_dict().items()}
+    bad = [
+        f"{source} is {str(dtype_of(source)).removeprefix('torch.')}"
+        for dense, source in mapping.items()
+        if expected[dense].is_floating_point and not dtype_of(source).is_floating_point
+    ]
+    if bad:
+        raise TypeError(
+            "The dense checkpoint has non-floating-point weights where the "
+            f"{plan.config.text_config.model_type} model has floating-point ones (quantised or corrupt "
+            "checkpoints cannot be upcycled; dequantise first):\n  - " + "\n  - ".join(bad[:20])
         )
 
 

@@ -34,6 +34,7 @@ UPCYCLE_FLAGS = (
     "--router-jitter-noise",
     "--inference-routing",
     "--revision",
+    "--allow-tokenizer-remote-code",
 )
 
 
@@ -106,14 +107,16 @@ def test_python_dash_m_parser_converts(save_dense, tmp_path, capsys):
     [
         (
             ["--routing", "expert_choice", "--top-k", "2"],
-            "'num_experts_per_tok'] is not a setting of routing 'expert_choice'",
+            "'--top-k'] is not a setting of routing 'expert_choice'",
         ),
         (["--drop-ratio", "0.3"], "--drop-ratio applies to --expert-init drop only, got --expert-init copy"),
         (
             ["--noise-std", "0.3", "--expert-init", "drop"],
             "--noise-std applies to --expert-init noise only, got --expert-init drop",
         ),
-        (["--num-experts", "2", "--top-k", "3"], "num_experts_per_tok must be between 1 and num_experts (2), got 3"),
+        (["--num-experts", "2", "--top-k", "3"], "--top-k must be between 1 and --num-experts (2), got 3"),
+        (["--seed", "-1"], "--seed must be an integer >= 0, got -1"),
+        (["--max-shard-size", "lots"], "--max-shard-size must be a positive size such as '5GB'"),
     ],
 )
 def test_user_errors_exit_with_a_message(extra, message, save_dense, tmp_path, capsys):
@@ -152,3 +155,34 @@ def test_help_explains_every_option(capsys):
         assert "Convert a dense transformers checkpoint" in text
         for flag in UPCYCLE_FLAGS:
             assert flag in text, (command, flag)
+
+
+def test_top_1_renormalised_warns_in_flag_terms_and_top_2_is_the_default(save_dense, tmp_path, capsys):
+    _, source = save_dense("llama")
+    status, _, err = run_cli(["upcycle", str(source), str(tmp_path / "top1"), "--no-progress", "--top-k", "1"], capsys)
+    assert status == 0
+    assert "hf-moe: warning: --top-k 1 with --norm-topk-prob: the single renormalised gate is always 1" in err
+    assert "Use --top-k 2 (the default)" in err and "or --no-norm-topk-prob for Switch's raw gate" in err
+    status, _, err = run_cli(["upcycle", str(source), str(tmp_path / "default"), "--no-progress"], capsys)
+    config = json.loads((tmp_path / "default" / "config.json").read_text())
+    assert status == 0 and "warning" not in err
+    assert (config["num_experts_per_tok"], config["norm_topk_prob"]) == (2, True)
+
+
+def test_path_errors_name_the_positional_arguments(save_dense, tmp_path, capsys):
+    _, source = save_dense("llama")
+    (tmp_path / "link").symlink_to(source)
+    status, _, err = run_cli(["upcycle", str(source), str(tmp_path / "link"), "--overwrite"], capsys)
+    assert status == 2 and f"hf-moe: error: OUTPUT_DIR '{tmp_path / 'link'}' is a symbolic link" in err
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("kept")
+    status, _, err = run_cli(["upcycle", str(source), str(tmp_path / "out")], capsys)
+    assert status == 2 and f"OUTPUT_DIR '{tmp_path / 'out'}' is not empty; pass --overwrite to replace it" in err
+
+
+def test_help_documents_the_defaults_that_train(capsys):
+    with pytest.raises(SystemExit):
+        main(["upcycle", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "k of top-k (default 2: with renormalised gates the model computes the dense function at step 0" in text
+    assert "never code" in text

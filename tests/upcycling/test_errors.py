@@ -8,8 +8,8 @@ import struct
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import leftovers, tiny_config, tiny_dense
-from transformers import AutoConfig, AutoModelForTokenClassification
+from tiny_models import TINY_CONFIGS, leftovers, tiny_config, tiny_dense
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
 
 import hf_moe.upcycling.convert as convert
 import hf_moe.upcycling.weights as weights
@@ -81,27 +81,66 @@ def test_unknown_model_type_lists_the_supported_ones(llama, tmp_path):
 
 
 def test_architecture_without_a_dense_feed_forward_block(tmp_path):
-    source = tmp_path / "mixtral"
-    AutoConfig.for_model(
-        "mixtral",
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=96,
-    ).save_pretrained(source)
+    source = tmp_path / "mamba"
+    AutoConfig.for_model("mamba", hidden_size=32, num_hidden_layers=2, vocab_size=96, state_size=4).save_pretrained(
+        source
+    )
     convert_fails(
         source,
         tmp_path / "out",
         ValueError,
-        r"Unknown architecture: cannot upcycle model_type 'mixtral' \(Cannot build experts.*Supported \(tested\)",
+        r"Unknown architecture: cannot upcycle model_type 'mamba' \(Cannot find the feed-forward blocks.*"
+        r"Supported \(tested\)",
     )
 
 
 def test_already_moe_source(llama, tmp_path):
     edit_config(llama, model_type="switch_moe")
     convert_fails(llama, tmp_path / "out", ValueError, "already an hf_moe model")
+
+
+@pytest.mark.parametrize(
+    "model_type, experts",
+    [("mixtral", {"num_local_experts": 4}), ("qwen3_moe", {"num_experts": 4, "head_dim": 8})],
+)
+def test_native_moe_source_points_to_import(model_type, experts, tmp_path):
+    source = tmp_path / model_type
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **TINY_CONFIGS["llama"], **experts)
+    AutoModelForCausalLM.from_config(config).save_pretrained(source)
+    found = "num_local_experts=4"  # both configs save their expert count under this name
+    convert_fails(
+        source,
+        tmp_path / "out",
+        ValueError,
+        rf"The source is already a Mixture-of-Experts model \(model_type '{model_type}', {found}\); upcycling turns "
+        r"a dense checkpoint into an MoE one\. To use a native MoE checkpoint with hf_moe, convert it with "
+        r"`hf-moe import SOURCE OUTPUT_DIR`",
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int8])
+def test_integer_weights_are_refused_naming_tensor_and_dtype(dtype, llama, tmp_path):
+    tensors = load_file(llama / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors[name] = (tensors[name] * 100).to(dtype)
+    save_file(tensors, llama / "model.safetensors", metadata={"format": "pt"})
+    convert_fails(
+        llama,
+        tmp_path / "out",
+        TypeError,
+        rf"non-floating-point weights where the llama model has floating-point ones .*\n  - {name} is "
+        rf"{str(dtype).removeprefix('torch.')}",
+        verify=True,
+    )
+
+
+def test_in_memory_integer_weights_are_refused():
+    dense = tiny_dense("llama")
+    mlp = dense.model.layers[0].mlp
+    mlp.down_proj.weight = torch.nn.Parameter(mlp.down_proj.weight.data.to(torch.int32), requires_grad=False)
+    with pytest.raises(TypeError, match=r"model\.layers\.0\.mlp\.down_proj\.weight is int32"):
+        upcycle_model(dense, num_experts=4)
 
 
 def test_top_k_larger_than_num_experts(llama, tmp_path):
@@ -151,7 +190,7 @@ def test_missing_and_unexpected_tensors(llama, tmp_path):
 def test_no_disk_space_before_writing(llama, tmp_path, monkeypatch):
     monkeypatch.setattr(convert.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
     convert_fails(
-        llama, tmp_path / "out", OSError, r"No disk space: the MoE checkpoint needs .* GB but only 0.00 GB are free"
+        llama, tmp_path / "out", OSError, r"No disk space: the MoE checkpoint needs 173\.4 kB but only 1\.0 kB are free"
     )
 
 
@@ -167,7 +206,7 @@ def test_non_empty_output_is_refused_and_kept(llama, tmp_path):
     output = tmp_path / "out"
     output.mkdir()
     (output / "keep.txt").write_text("precious")
-    convert_fails(llama, output, FileExistsError, r"OUTPUT_DIR .* is not empty; pass overwrite=True \(--overwrite\)")
+    convert_fails(llama, output, FileExistsError, r"output_dir='.*out' is not empty; pass overwrite=True to replace")
     assert (output / "keep.txt").read_text() == "precious"
 
 
@@ -197,7 +236,9 @@ def test_empty_output_dir_is_used(llama, tmp_path):
 
 
 def test_output_must_not_be_the_source(llama, tmp_path):
-    convert_fails(llama, llama, ValueError, "must not be or contain SOURCE", overwrite=True)
+    convert_fails(
+        llama, llama, ValueError, r"output_dir='.*dense' must not be or contain source='.*dense'", overwrite=True
+    )
 
 
 def test_output_path_is_a_file(llama, tmp_path):

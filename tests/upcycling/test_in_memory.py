@@ -88,3 +88,30 @@ def test_config_overrides_reach_the_config_and_upcycling_is_recorded():
     assert (config.num_experts_per_tok, config.capacity_factor, config.router_z_loss_coef) == (2, None, 0.0)
     assert config.norm_topk_prob is True  # upcycling default: function preserving
     assert config.upcycling["seed"] == 3 and config.upcycling["expert_init"] == "copy"
+
+
+def test_upcycling_defaults_to_renormalised_top_2_so_the_router_learns_from_the_task_loss():
+    """Renormalised top-1 gives every token the gate 1.0, so the task loss cannot reach the router;
+    renormalised top-2 keeps the dense function at step 0 and passes the router a gradient as soon
+    as the two experts of a token differ (here: after one optimiser step, or with capacity drops)."""
+    dense = tiny_dense("llama")
+    ids = torch.randint(3, 90, (4, 16))
+
+    def router_gradient(**options) -> float:
+        torch.manual_seed(0)
+        model = upcycle_model(dense, num_experts=4, moe_layers="all", router_aux_loss_coef=0.0, **options).train()
+        model.config.router_z_loss_coef = 0.0
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        for _ in range(2):  # the second step sees experts that the first one made differ
+            optimizer.zero_grad()
+            model(ids, labels=ids).loss.backward()
+            optimizer.step()
+        return sum(b.router.weight.grad.norm() ** 2 for b in model.moe_blocks()).sqrt().item()
+
+    default = upcycle_model(dense, num_experts=4)
+    assert (default.config.num_experts_per_tok, default.config.norm_topk_prob) == (2, True)
+    assert upcycle_model(dense, num_experts=1).config.num_experts_per_tok == 1
+    with pytest.warns(UserWarning, match="the single renormalised gate is always 1, so the routers get no gradient"):
+        top1 = router_gradient(num_experts_per_tok=1, capacity_factor=None)
+    top2 = router_gradient(capacity_factor=None)
+    assert top1 < 1e-7 and top2 > 1e-4, (top1, top2)

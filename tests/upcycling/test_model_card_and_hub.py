@@ -62,7 +62,8 @@ def test_hub_id_is_resolved_from_the_cache_offline(hub_cache, tmp_path):
 def test_unknown_revision_is_a_clear_error(hub_cache, tmp_path):
     with pytest.raises(
         FileNotFoundError,
-        match=r"SOURCE 'tiny/llama' is not a local directory and could not be fetched .*\(revision v2\)",
+        match=r"source='tiny/llama' is not a local directory and could not be fetched .*\(revision v2\): [^\n]*[^.]\. "
+        r"Offline, the model must already be in the local Hub cache$",
     ):
         upcycle_checkpoint("tiny/llama", tmp_path / "moe", revision="v2", progress=False)
     assert not (tmp_path / "moe").exists()

@@ -80,7 +80,7 @@ def test_expert_choice_threshold_mode_is_exact(save_dense, tmp_path):
 
 
 def test_raw_switch_gate_is_not_exact_and_verify_measures_it(save_dense, tmp_path):
-    """Top-1 with the raw gate scales each MoE output by p_max ~ 1/E (docs/moe-reference.md): not exact,
+    """Top-1 with the raw gate scales each MoE output by p_max ~ 1/E (Switch eq. 2): not exact,
     and --verify reports that deviation instead of failing."""
     dense, source = save_dense("llama")
     output = upcycle_checkpoint(
