@@ -178,15 +178,20 @@ def load_balancing_loss(record: RoutingRecord, token_mask: torch.Tensor, num_exp
     expert i and P_i the mean router probability of expert i, so L_B = 1 at perfect balance for
     every k (conventions that give k at balance multiply by k).
     """
-    probs = record.router_logits[token_mask].softmax(dim=-1)  # (valid tokens, experts)
-    picks = record.top_experts[token_mask].flatten()
-    fraction = torch.bincount(picks, minlength=num_experts).to(probs.dtype) / max(picks.numel(), 1)
-    return num_experts * (fraction * probs.mean(dim=0)).sum()
+    # Masked sums rather than boolean indexing, which would read the token count back to the host.
+    probs = record.router_logits.softmax(dim=-1)  # (tokens, experts)
+    valid = token_mask.to(probs.dtype)  # (tokens,)
+    num_valid = valid.sum().clamp(min=1)
+    mean_probs = (probs * valid[:, None]).sum(0) / num_valid
+    top_k = record.top_experts.shape[1]
+    picks = probs.new_zeros(num_experts).index_add_(0, record.top_experts.flatten(), valid.repeat_interleave(top_k))
+    return num_experts * (picks / (num_valid * top_k) * mean_probs).sum()
 
 
 def router_z_loss(record: RoutingRecord, token_mask: torch.Tensor) -> torch.Tensor:
     """ST-MoE eq. 5: mean over non-padding tokens of (logsumexp_j h_j)^2."""
-    return record.router_logits[token_mask].logsumexp(dim=-1).square().mean()
+    valid = token_mask.to(record.router_logits.dtype)
+    return (record.router_logits.logsumexp(dim=-1).square() * valid).sum() / valid.sum().clamp(min=1)
 
 
 class MoePreTrainedModel(PreTrainedModel):
@@ -265,6 +270,7 @@ class MoePreTrainedModel(PreTrainedModel):
         output_router_logits=None,
         output_routing_stats=None,
         return_dict=None,
+        logits_to_keep=0,
         **kwargs,
     ) -> MoeModelOutput | tuple:
         r"""Run the backbone (all its arguments pass through) and collect the routing of every MoE layer.
@@ -273,6 +279,8 @@ class MoePreTrainedModel(PreTrainedModel):
         output_routing_stats: compute ``aux_loss``, ``z_loss``, ``expert_load`` and ``dropped_fraction``
             (default True; always in training or with labels). Generation passes False: nothing
             reads them there, and they cost a few small operations per layer per token.
+        logits_to_keep: passed to a causal-LM backbone (transformers' convention): ``n`` computes the
+            logits of the last ``n`` positions only (generation's prefill asks for 1), 0 all of them.
         """
         token_mask = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
         blocks = self.moe_blocks()
@@ -280,6 +288,8 @@ class MoePreTrainedModel(PreTrainedModel):
             block.token_mask = token_mask
         if labels is not None:
             kwargs["labels"] = labels
+        if isinstance(logits_to_keep, torch.Tensor) or logits_to_keep:  # only heads with logits take it
+            kwargs["logits_to_keep"] = logits_to_keep
         outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
         records = [block.last_routing for block in blocks]
         for block in blocks:
