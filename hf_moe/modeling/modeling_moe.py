@@ -126,7 +126,7 @@ class MoeBlock(nn.Module):
         # plain index_add, about half the cost of index_put with accumulation on CPU.
         expert_idx, order = torch.sort(assigned.expert_idx, stable=True)  # (pairs,)
         token_idx = assigned.token_idx.index_select(0, order)
-        self.layout.set(torch.bincount(expert_idx, minlength=self.router.num_experts), expert_idx)
+        self.layout.set(expert_idx, self.router.num_experts)
         flat = hidden.reshape(batch * seq_len, hidden_size)
         expert_out = self.experts(flat.index_select(0, token_idx))  # (pairs, hidden)
 
@@ -323,12 +323,15 @@ class MoePreTrainedModel(PreTrainedModel):
         if self.config.model_type == "switch_moe":
             aux_loss = torch.stack([load_balancing_loss(r, valid, num_experts) for r in records]).mean()
         expert_load, dropped = [], []
+        num_valid = valid.sum().clamp(min=1)
         for r in records:
-            counts = torch.bincount(r.assignments.expert_idx, minlength=num_experts).float()
+            # Pairs of padding tokens (present with weight 0 in dropless routing) count for nothing.
+            pair_valid = valid.index_select(0, r.assignments.token_idx).float()
+            counts = pair_valid.new_zeros(num_experts).index_add_(0, r.assignments.expert_idx, pair_valid)
             expert_load.append(counts / counts.sum().clamp(min=1))
             processed = torch.zeros(tokens, dtype=torch.bool, device=valid.device)
             processed[r.assignments.token_idx] = True
-            dropped.append(1.0 - processed[valid].float().mean())
+            dropped.append((valid & ~processed).sum() / num_valid)
         return {
             "aux_loss": aux_loss,
             "z_loss": torch.stack([router_z_loss(r, valid) for r in records]).mean(),
