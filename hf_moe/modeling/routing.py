@@ -152,6 +152,9 @@ class ExpertChoiceRouter(nn.Module):
       largest score. Causal and batch-invariant, so cached generation equals full forwards.
       Before any training step the thresholds are 0: every token goes to every expert, and the
       output is sum_e S[t, e] E_e(x) (exactly the dense MLP when all experts are equal copies).
+
+    The thresholds are buffers, state of a fine-tune like the weights: a PEFT adapter keeps them
+    when ``"router"`` is in its ``modules_to_save`` (which also trains the router in full).
     """
 
     def __init__(self, hidden_size: int, config, inference_routing: str, dtype=None, device=None):
