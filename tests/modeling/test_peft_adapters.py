@@ -17,10 +17,10 @@ import hf_moe
 def fine_tune_and_reload(tmp_path, **lora):
     config = hf_moe.ExpertChoiceMoeConfig(text_config=dense_config("llama"), num_experts=4, moe_layers=[1, 3])
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
-        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], target_parameters=["mlp.experts.down_proj.weight"], **lora),
+    lora_config = LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], target_parameters=["mlp.experts.down_proj.weight"], **lora
     )
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), lora_config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     for _ in range(4):
@@ -48,4 +48,3 @@ def test_without_the_router_in_modules_to_save_the_thresholds_are_lost(tmp_path)
     model, trained, reloaded = fine_tune_and_reload(tmp_path)
     assert not any("score_thresholds" in k for k in get_peft_model_state_dict(model))
     assert not torch.allclose(reloaded, trained, atol=1e-3)
-
