@@ -49,11 +49,11 @@ class MoeConfig(PreTrainedConfig):
         # A classifier's labels are one set on both configs: the nested decoder builds the head from
         # its own, pipelines and Trainer read the outer ones. Labels given to the outer config (or
         # num_labels) win and are copied in by __setattr__; otherwise the nested config's are taken.
-        text = self.text_config
-        nested = text if isinstance(text, dict) else getattr(text, "__dict__", {})
-        if self.id2label is None and kwargs.get("num_labels") is None and nested.get("id2label") is not None:
-            self.id2label = {int(i): label for i, label in nested["id2label"].items()}
-            self.label2id = dict(nested.get("label2id") or {label: i for i, label in self.id2label.items()})
+        text = self.text_config  # a dict, a config object or None (the default decoder) at this point
+        id2label, label2id = (text.get(n) if isinstance(text, dict) else getattr(text, n, None) for n in LABEL_FIELDS)
+        if self.id2label is None and kwargs.get("num_labels") is None and id2label is not None:
+            self.id2label = {int(i): label for i, label in id2label.items()}
+            self.label2id = dict(label2id or {label: i for i, label in self.id2label.items()})
         super().__post_init__(**kwargs)
         for name in LABEL_FIELDS:  # also when they were set before text_config became a config object
             setattr(self, name, getattr(self, name))
