@@ -16,7 +16,10 @@ sizes and P:
   matrices, so ``d_ff = 1.5 * intermediate`` to match the SwiGLU FLOPs, and ``expert_capacity =
   seq_len`` so that it is dropless, like the reference);
 - P = 2 * tokens: hf_moe top-2 dropless, hf_moe Expert Choice with c = 2, Mixtral top-2
-  ``grouped_mm`` and ``eager``.
+  ``grouped_mm`` and ``eager``;
+- with float32 weights, also under ``torch.autocast(dtype=bfloat16)`` (the recipes' mixed
+  precision): the dense SwiGLU, hf_moe top-1 dropless (its experts compute in bf16, as nn.Linear
+  does) and Mixtral top-1 ``grouped_mm`` (transformers casts the input to the weights' dtype).
 
 Routers are freshly initialised (std 0.02) and inputs are standard normal, so expert loads are
 close to balanced. "fwd" is an inference forward (eval mode, no_grad); "fwd+bwd" is a training
@@ -66,6 +69,11 @@ class Case:
     pairs_per_token: int  # k: the reference for this case runs on tokens * k rows
     module: nn.Module
     hidden: torch.Tensor
+    autocast: bool = False  # run under torch.autocast(dtype=bfloat16)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return self.module(hidden)
 
 
 def llama_config(args) -> LlamaConfig:
@@ -148,6 +156,18 @@ def build_cases(args, tokens: int, experts: int, device, dtype) -> tuple[dict[in
         Case("Mixtral top-2 grouped_mm", 2, mixtral(2, "grouped_mm"), hidden),
         Case("Mixtral top-2 eager", 2, mixtral(2, "eager"), hidden),
     ]
+    if dtype == torch.float32:
+        cases += [
+            Case("dense SwiGLU, bf16 autocast", 1, normal_init(LlamaMLP(llama_config(args))), hidden, autocast=True),
+            Case(
+                "hf_moe top-1 dropless, bf16 autocast",
+                1,
+                hf_moe_block(args, experts, num_experts_per_tok=1, capacity_factor=None),
+                hidden,
+                autocast=True,
+            ),
+            Case("Mixtral top-1 grouped_mm, bf16 autocast", 1, mixtral(1, "grouped_mm"), hidden, autocast=True),
+        ]
     for case in [*references.values(), *cases]:
         case.module.to(device=device, dtype=dtype)
         case.hidden = case.hidden.to(device=device, dtype=dtype)
@@ -157,7 +177,7 @@ def build_cases(args, tokens: int, experts: int, device, dtype) -> tuple[dict[in
 def forward(case: Case):
     def run():
         with torch.no_grad():
-            case.module(case.hidden)
+            case(case.hidden)
 
     return run
 
@@ -171,7 +191,8 @@ def forward_backward(case: Case):
         hidden.grad = None
 
     def run():
-        case.module(hidden).backward(grad)
+        out = case(hidden)
+        out.backward(grad.to(out.dtype))  # bf16 under autocast
 
     return prepare, run
 

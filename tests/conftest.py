@@ -11,6 +11,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+    parser.addoption(
+        "--device",
+        default="cpu",
+        help="accelerator for tests/modeling/test_on_device.py (e.g. cuda); those tests are skipped on cpu",
+    )
 
 
 def pytest_collection_modifyitems(config, items):

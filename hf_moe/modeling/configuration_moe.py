@@ -17,6 +17,8 @@ HF_MOE_VERSION = "0.2.0"
 SUPPORTED_TRANSFORMERS = ">=5.23,<5.25"
 
 MOE_LAYER_SHORTHANDS = ("all", "every_other", "last_half")
+# Label fields of a classifier: the nested decoder builds the head, pipelines read the outer config.
+LABEL_FIELDS = ("id2label", "label2id")
 INFERENCE_ROUTINGS = ("expert_choice", "threshold")
 
 
@@ -50,7 +52,17 @@ class MoeConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        # A classifier's labels are one set on both configs: the nested decoder builds the head from
+        # its own, pipelines and Trainer read the outer ones. Labels given to the outer config (or
+        # num_labels) win and are copied in by __setattr__; otherwise the nested config's are taken.
+        text = self.text_config  # a dict, a config object or None (the default decoder) at this point
+        id2label, label2id = (text.get(n) if isinstance(text, dict) else getattr(text, n, None) for n in LABEL_FIELDS)
+        if self.id2label is None and kwargs.get("num_labels") is None and id2label is not None:
+            self.id2label = {int(i): label for i, label in id2label.items()}
+            self.label2id = dict(label2id or {label: i for i, label in self.id2label.items()})
         super().__post_init__(**kwargs)
+        for name in LABEL_FIELDS:  # also when they were set before text_config became a config object
+            setattr(self, name, getattr(self, name))
         # The nested decoder owns embedding tying; mirror it so the outer model reports it too.
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
 
@@ -60,6 +72,12 @@ class MoeConfig(PreTrainedConfig):
         output["hf_moe_version"] = HF_MOE_VERSION
         output["hf_moe_supported_transformers"] = SUPPORTED_TRANSFORMERS
         return output
+
+    def __setattr__(self, key, value):
+        super().__setattr__(key, value)
+        # num_labels is a property that sets both label fields, so it is mirrored too.
+        if key in LABEL_FIELDS and isinstance(self.__dict__.get("text_config"), PreTrainedConfig):
+            setattr(self.text_config, key, dict(value) if value is not None else None)
 
     def _moe_problems(self) -> list[str]:
         problems = []

@@ -25,21 +25,39 @@ class ExpertLayout:
         self.expert_ids: torch.Tensor | None = None  # (rows,) long, expert of each row
         self.active: slice | None = None  # the experts the grouped matmuls visit; None: all
 
-    def set(self, counts: torch.Tensor, expert_ids: torch.Tensor) -> None:
-        """``counts`` (experts,) rows per expert; ``expert_ids`` (rows,) sorted."""
-        self.offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    def set(self, expert_ids: torch.Tensor, num_experts: int) -> None:
+        """``expert_ids`` (rows,) the expert of each row of the buffer, sorted."""
+        # Row ends from a binary search of the sorted ids: no host synchronisation (bincount on
+        # CUDA reads its maximum back to size the output). (experts,), cumulative like a cumsum.
+        experts = torch.arange(num_experts, device=expert_ids.device, dtype=expert_ids.dtype)
+        self.offsets = torch.searchsorted(expert_ids, experts, right=True, out_int32=True)
         self.expert_ids = expert_ids
         self.active = None
-        if counts.device.type == "cpu" and not torch.is_grad_enabled():
+        if expert_ids.device.type == "cpu" and not torch.is_grad_enabled() and len(expert_ids):
             # On CPU grouped_mm runs one matmul per group, empty groups included (~15 us each);
             # a batch-1 decoding step fills one group. Visiting only the experts from the first to
-            # the last non-empty one (a view: no copy) skips them; reading the range costs no
-            # device synchronisation on CPU. Experts before the first have no rows, so the
-            # sliced cumulative offsets still start from row 0. Inference only: under autograd
-            # the slice's backward would write the weight gradient a second time.
-            nonempty = counts.nonzero()
-            if len(nonempty):
-                self.active = slice(int(nonempty[0]), int(nonempty[-1]) + 1)
+            # the last non-empty one (a view: no copy) skips them. Reading the range back is a
+            # host synchronisation, free on CPU only, hence CPU only. Experts before the first
+            # have no rows, so the sliced cumulative offsets still start from row 0. Inference
+            # only: under autograd the slice's backward would write the weight gradient twice.
+            self.active = slice(int(expert_ids[0]), int(expert_ids[-1]) + 1)
+
+
+@torch.compiler.disable
+def _grouped_mm_outside_graph(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.grouped_mm(x, weight, offs=offsets)
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``x`` (rows, in) sorted by expert times ``weight`` (E, in, out) per group -> (rows, out).
+
+    The eager kernels take float32 and bfloat16 alike, but torch's meta kernel of grouped_mm,
+    which torch.compile traces, accepts bfloat16 only. Other dtypes therefore run grouped_mm
+    eagerly between compiled graphs (a graph break per call; ``fullgraph=True`` needs bfloat16).
+    """
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return _grouped_mm_outside_graph(x, weight, offsets)
+    return nn.functional.grouped_mm(x, weight, offs=offsets)
 
 
 class GroupedLinear(nn.Module):
@@ -75,9 +93,14 @@ class GroupedLinear(nn.Module):
         if active is not None:
             weight, offsets = weight[active], offsets[active]
         weight = weight.transpose(-2, -1) if self.weight_layout == "out_in" else weight  # (E, in, out)
-        out = nn.functional.grouped_mm(x, weight.to(x.dtype), offs=offsets)
+        # Under autocast, compute in the autocast dtype as nn.Linear does: grouped_mm is not on
+        # autocast's list of ops, so the cast is explicit. Otherwise weights follow the input.
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        x = x.to(dtype)
+        out = grouped_mm(x, weight.to(dtype), offsets)
         if self.bias is not None:
-            out = out + self.bias.to(x.dtype)[self.layout.expert_ids]
+            out = out + self.bias.to(dtype)[self.layout.expert_ids]
         return out
 
     @property

@@ -132,7 +132,7 @@ class MoeBlock(nn.Module):
         # plain index_add, about half the cost of index_put with accumulation on CPU.
         expert_idx, order = torch.sort(assigned.expert_idx, stable=True)  # (pairs,)
         token_idx = assigned.token_idx.index_select(0, order)
-        self.layout.set(torch.bincount(expert_idx, minlength=self.router.num_experts), expert_idx)
+        self.layout.set(expert_idx, self.router.num_experts)
         flat = hidden.reshape(batch * seq_len, hidden_size)
         expert_out = self.experts(flat.index_select(0, token_idx))  # (pairs, hidden)
 
@@ -197,18 +197,20 @@ def load_balancing_loss(record: RoutingRecord, token_mask: torch.Tensor, num_exp
     expert i and P_i the mean router probability of expert i, so L_B = 1 at perfect balance for
     every k (conventions that give k at balance multiply by k).
     """
-    probs = record.router_logits[token_mask].softmax(dim=-1)  # (valid tokens, experts)
-    picks = record.top_experts[token_mask].flatten()
-    fraction = torch.bincount(picks, minlength=num_experts).to(probs.dtype) / max(picks.numel(), 1)
-    # A batch of padding only has no valid token: the sums are empty and the loss is 0, not NaN.
-    mean_probs = probs.sum(dim=0) / max(probs.shape[0], 1)
-    return num_experts * (fraction * mean_probs).sum()
+    # Masked sums rather than boolean indexing, which would read the token count back to the host.
+    probs = record.router_logits.softmax(dim=-1)  # (tokens, experts)
+    valid = token_mask.to(probs.dtype)  # (tokens,)
+    num_valid = valid.sum().clamp(min=1)
+    mean_probs = (probs * valid[:, None]).sum(0) / num_valid
+    top_k = record.top_experts.shape[1]
+    picks = probs.new_zeros(num_experts).index_add_(0, record.top_experts.flatten(), valid.repeat_interleave(top_k))
+    return num_experts * (picks / (num_valid * top_k) * mean_probs).sum()
 
 
 def router_z_loss(record: RoutingRecord, token_mask: torch.Tensor) -> torch.Tensor:
     """ST-MoE eq. 5: mean over non-padding tokens of (logsumexp_j h_j)^2."""
-    squares = record.router_logits[token_mask].logsumexp(dim=-1).square()
-    return squares.sum() / max(squares.numel(), 1)  # 0 for a batch of padding only
+    valid = token_mask.to(record.router_logits.dtype)
+    return (record.router_logits.logsumexp(dim=-1).square() * valid).sum() / valid.sum().clamp(min=1)
 
 
 class MoePreTrainedModel(PreTrainedModel):
@@ -320,6 +322,7 @@ class MoePreTrainedModel(PreTrainedModel):
         output_router_logits=None,
         output_routing_stats=None,
         return_dict=None,
+        logits_to_keep=0,
         **kwargs,
     ) -> ModelOutput | tuple:
         r"""Run the backbone (all its arguments pass through) and collect the routing of every MoE layer.
@@ -328,6 +331,8 @@ class MoePreTrainedModel(PreTrainedModel):
         output_routing_stats: compute ``aux_loss``, ``z_loss``, ``expert_load`` and ``dropped_fraction``
             (default True; always in training or with labels). Generation passes False: nothing
             reads them there, and they cost a few small operations per layer per token.
+        logits_to_keep: passed to a causal-LM backbone (transformers' convention): ``n`` computes the
+            logits of the last ``n`` positions only (generation's prefill asks for 1), 0 all of them.
         """
         token_mask = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
         blocks = self.moe_blocks()
@@ -335,6 +340,8 @@ class MoePreTrainedModel(PreTrainedModel):
             block.token_mask = token_mask
         if labels is not None:
             kwargs["labels"] = labels
+        if isinstance(logits_to_keep, torch.Tensor) or logits_to_keep:  # only heads with logits take it
+            kwargs["logits_to_keep"] = logits_to_keep
         outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
         records = [block.last_routing for block in blocks]
         for block in blocks:
@@ -383,12 +390,15 @@ class MoePreTrainedModel(PreTrainedModel):
         if self.config.model_type == "switch_moe":
             aux_loss = torch.stack([load_balancing_loss(r, valid, num_experts) for r in records]).mean()
         expert_load, dropped = [], []
+        num_valid = valid.sum().clamp(min=1)
         for r in records:
-            counts = torch.bincount(r.assignments.expert_idx, minlength=num_experts).float()
+            # Pairs of padding tokens (present with weight 0 in dropless routing) count for nothing.
+            pair_valid = valid.index_select(0, r.assignments.token_idx).float()
+            counts = pair_valid.new_zeros(num_experts).index_add_(0, r.assignments.expert_idx, pair_valid)
             expert_load.append(counts / counts.sum().clamp(min=1))
             processed = torch.zeros(tokens, dtype=torch.bool, device=valid.device)
             processed[r.assignments.token_idx] = True
-            dropped.append((valid & ~processed).sum() / valid.sum().clamp(min=1))  # 0 without valid tokens
+            dropped.append((valid & ~processed).sum() / num_valid)
         return {
             "aux_loss": aux_loss,
             "z_loss": torch.stack([router_z_loss(r, valid) for r in records]).mean(),

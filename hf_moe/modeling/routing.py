@@ -5,7 +5,11 @@ and a `RoutingRecord` from which the model computes its auxiliary losses and sta
 Dispatch, the experts and the combine step are shared by all routers (see `MoeBlock`).
 
 Routing math runs in float32 under any autocast (Switch §2.4: selective precision).
-Padding tokens (``token_mask`` False) get no assignment: they neither use nor take capacity.
+Padding tokens (``token_mask`` False) never take capacity and their MoE output is exactly 0.
+Where the number of pairs is fixed by the shapes (dropless token choice, expert choice in
+training), a padding token's pairs stay in the lists with weight 0, so the list lengths are known
+without a host synchronisation; where it depends on the data (capacity dropping, threshold
+routing), the pairs are selected with ``nonzero`` and padding gets none.
 """
 
 import math
@@ -17,7 +21,10 @@ from torch import nn
 
 @dataclass
 class Assignments:
-    """Flat lists of the token-expert pairs to compute; tokens index the (batch * seq) axis."""
+    """Flat lists of the token-expert pairs to compute; tokens index the (batch * seq) axis.
+
+    Pairs of padding tokens may be present with weight 0 (see the module docstring).
+    """
 
     token_idx: torch.Tensor  # (pairs,) long
     expert_idx: torch.Tensor  # (pairs,) long
@@ -51,10 +58,11 @@ def fill_capacity_in_token_order(expert_idx: torch.Tensor, num_experts: int, cap
     batch = expert_idx.shape[0]
     group = (torch.arange(batch, device=expert_idx.device)[:, None, None] * num_experts + expert_idx).flatten()
     order = torch.argsort(group, stable=True)
-    counts = torch.bincount(group, minlength=batch * num_experts)
-    group_start = torch.cumsum(counts, 0) - counts
+    sorted_group = group[order]
+    # First position of each group in sorted order, by binary search: no host synchronisation.
+    group_start = torch.searchsorted(sorted_group, sorted_group)
     rank = torch.empty_like(group)
-    rank[order] = torch.arange(group.numel(), device=group.device) - group_start[group[order]]
+    rank[order] = torch.arange(group.numel(), device=group.device) - group_start
     return (rank < capacity).view(expert_idx.shape)
 
 
@@ -98,17 +106,28 @@ class TokenChoiceRouter(nn.Module):
 
         keep = token_mask[..., None].expand_as(top_experts)
         capacity = self.capacity(seq_len)
-        if capacity is not None:
+        if capacity is None:
+            # Dropless: every pick is a pair, padding's with weight 0 (output exactly 0, no gradient).
+            # Pick p of the flat (batch * seq * k) picks is token p // k.
+            picks = torch.arange(top_experts.numel(), device=hidden.device)
+            kept = Assignments(
+                picks.div(self.top_k, rounding_mode="floor"),
+                top_experts.reshape(-1),
+                torch.where(keep, top_probs, 0.0).reshape(-1),
+            )
+        else:
             keep = keep & fill_capacity_in_token_order(
                 top_experts.masked_fill(~keep, self.num_experts), self.num_experts + 1, capacity
             )
-        # One nonzero for the three lists: pick p of the flat (batch * seq * k) picks is token p // k.
-        kept_picks = keep.reshape(-1).nonzero().squeeze(1)  # (pairs,)
-        kept = Assignments(
-            kept_picks.div(self.top_k, rounding_mode="floor"),
-            top_experts.reshape(-1).index_select(0, kept_picks),
-            top_probs.reshape(-1).index_select(0, kept_picks),
-        )
+            # How many picks fit is data-dependent, so nonzero reads the count back to the host (one
+            # synchronisation). Keeping the dropped picks with weight 0 instead would spend on them
+            # the expert compute that capacity exists to bound.
+            kept_picks = keep.reshape(-1).nonzero().squeeze(1)  # (pairs,)
+            kept = Assignments(
+                kept_picks.div(self.top_k, rounding_mode="floor"),
+                top_experts.reshape(-1).index_select(0, kept_picks),
+                top_probs.reshape(-1).index_select(0, kept_picks),
+            )
         return RoutingRecord(
             router_logits=logits.view(batch * seq_len, -1),
             assignments=kept,
@@ -133,6 +152,9 @@ class ExpertChoiceRouter(nn.Module):
       largest score. Causal and batch-invariant, so cached generation equals full forwards.
       Before any training step the thresholds are 0: every token goes to every expert, and the
       output is sum_e S[t, e] E_e(x) (exactly the dense MLP when all experts are equal copies).
+
+    The thresholds are buffers, state of a fine-tune like the weights: a PEFT adapter keeps them
+    when ``"router"`` is in its ``modules_to_save`` (which also trains the router in full).
     """
 
     def __init__(self, hidden_size: int, config, inference_routing: str, dtype=None, device=None):
@@ -156,13 +178,17 @@ class ExpertChoiceRouter(nn.Module):
             # Padding scores -1 < any softmax value: never picked while a real token is left.
             masked = scores.masked_fill(~token_mask[..., None], -1.0).transpose(1, 2)  # (batch, experts, seq)
             top_scores, top_tokens = masked.topk(self.capacity(seq_len), dim=-1)  # (batch, experts, C)
-            picked = top_scores >= 0
+            # Every slot is a pair (batch * experts * C of them: no host synchronisation); slots that
+            # had to take a padding token (score -1) get weight 0.
             token_idx = top_tokens + torch.arange(batch, device=hidden.device).view(batch, 1, 1) * seq_len
             expert_idx = torch.arange(self.num_experts, device=hidden.device).view(1, -1, 1).expand_as(top_tokens)
-            kept = Assignments(token_idx[picked], expert_idx[picked], top_scores[picked])
+            weight = torch.where(top_scores >= 0, top_scores, 0.0)
+            kept = Assignments(token_idx.reshape(-1), expert_idx.reshape(-1), weight.reshape(-1))
             capacity_scores = top_scores[..., -1]  # (batch, experts); < 0 where the sequence ran out of tokens
         else:
             passed = (scores >= self.score_thresholds) & token_mask[..., None]  # (batch, seq, experts)
+            # How many pairs pass is data-dependent: nonzero reads the count back to the host (one
+            # synchronisation); a fixed-size list would run every token through every expert.
             token_idx, expert_idx = passed.view(batch * seq_len, -1).nonzero(as_tuple=True)
             kept = Assignments(token_idx, expert_idx, scores.view(batch * seq_len, -1)[token_idx, expert_idx])
             capacity_scores = None

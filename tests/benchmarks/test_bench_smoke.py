@@ -35,6 +35,9 @@ def test_layer_benchmark_reports_every_layer_against_the_reference():
         "hf_moe expert choice c=2",
         "Mixtral top-2 grouped_mm",
         "Mixtral top-2 eager",
+        "dense SwiGLU, bf16 autocast",
+        "hf_moe top-1 dropless, bf16 autocast",
+        "Mixtral top-1 grouped_mm, bf16 autocast",
     ]
     for row in rows[:2]:  # the references are their own unit
         assert row[4] == row[6] == row[9] == row[11] == "1.00x"

@@ -48,6 +48,16 @@ def learn_thresholds(model):
     model.train()
     with torch.no_grad():
         for _ in range(3):
-            model(torch.randint(3, VOCAB, (4, 16)))
+            model(torch.randint(3, VOCAB, (4, 16)).to(model.device))
     model.eval()
     assert all((block.router.score_thresholds > 0).all() for block in model.moe_blocks())
+
+
+def copy_dense_into_experts(moe_model, dense_model):
+    """Every expert a copy of the dense MLP; every other weight shared."""
+    dense_state = dense_model.state_dict()
+    moe_state = moe_model.state_dict()
+    for name, tensor in moe_state.items():
+        dense_name = name.removeprefix("backbone.").replace(".experts.", ".")
+        if dense_name in dense_state:
+            tensor.copy_(dense_state[dense_name].expand_as(tensor))

@@ -54,7 +54,12 @@ def test_cached_greedy_generation_equals_full_forwards(model_type, routing):
         learn_thresholds(model)
     model.generation_config.eos_token_id = None  # compare all 6 steps, even past an end-of-text pick
     prompt = torch.randint(3, VOCAB, (1, 5))
+    logits_shapes = []
+    hook = model.register_forward_hook(lambda module, args, out: logits_shapes.append(tuple(out.logits.shape)))
     generated = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    hook.remove()
+    # logits_to_keep: the prefill computes the last position's logits only, as every step does.
+    assert logits_shapes == [(1, 1, VOCAB)] * 6
     expected = prompt
     with torch.no_grad():
         for _ in range(6):

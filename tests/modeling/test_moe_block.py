@@ -158,3 +158,61 @@ def test_expert_choice_each_expert_takes_its_top_c_tokens_per_sequence(seq_len):
             expected = scores[seq, :, expert].topk(capacity).indices
             assert set(chosen.tolist()) == set(expected.tolist())
     torch.testing.assert_close(assigned.weight, scores.view(-1, 4)[assigned.token_idx, assigned.expert_idx])
+
+
+def test_under_autocast_the_experts_compute_in_the_autocast_dtype_and_routing_in_float32():
+    # As nn.Linear does: the attention projections and the experts compute in bf16 under autocast.
+    model = switch_model(capacity_factor=None).train()
+    block = first_block(model)
+    dtypes = {}
+    for name, module in [("q_proj", model.backbone.model.layers[1].self_attn.q_proj), *block.experts.named_children()]:
+        module.register_forward_hook(lambda module, args, out, name=name: dtypes.__setitem__(name, out.dtype))
+    ids = torch.randint(3, 96, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids, output_router_logits=True)
+    assert dtypes == dict.fromkeys(["q_proj", "gate_proj", "act_fn", "up_proj", "down_proj"], torch.bfloat16)
+    assert all(logits.dtype == torch.float32 for logits in out.router_logits)
+    assert out.aux_loss.dtype == out.z_loss.dtype == torch.float32
+    out.loss.backward()
+    weight = block.experts.gate_proj.weight
+    assert weight.dtype == weight.grad.dtype == torch.float32  # the parameters stay in float32
+    assert torch.isfinite(weight.grad).all() and weight.grad.abs().sum() > 0
+
+
+def test_dropless_padding_pairs_are_kept_with_weight_zero_and_not_counted():
+    # Dropless top-2: the pair count is fixed by the shapes (no nonzero); padding's pairs weigh 0.
+    model = switch_model(capacity_factor=None, num_experts_per_tok=2).eval()
+    block = first_block(model)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, :4] = False
+    block.token_mask = mask
+    out = block(torch.randn(2, 10, 32)).view(20, 32)
+    assigned = block.last_routing.assignments
+    assert assigned.token_idx.numel() == 2 * 10 * 2
+    padding = ~mask.view(-1)
+    assert (assigned.weight[padding[assigned.token_idx]] == 0).all()
+    assert (out[padding] == 0).all() and (out[~padding].abs().sum(-1) > 0).all()
+
+    ids = torch.randint(3, 96, (2, 10))
+    stats = model(ids, attention_mask=mask.long(), output_router_logits=True)
+    picks = stats.router_logits[0].topk(2, dim=-1).indices[~padding].flatten()
+    torch.testing.assert_close(stats.expert_load[0], torch.bincount(picks, minlength=4) / picks.numel())
+    assert stats.dropped_fraction[0] == 0
+
+
+def test_expert_choice_slots_filled_with_padding_weigh_zero():
+    # A sequence with fewer real tokens than the capacity C: the remaining slots take padding.
+    config = hf_moe.ExpertChoiceMoeConfig(
+        text_config=dense_config("llama"), num_experts=4, moe_layers=[1], capacity_factor=4.0
+    )
+    block = first_block(AutoModelForCausalLM.from_config(config).train())
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[1, :6] = False  # 2 real tokens, C = 8
+    block.token_mask = mask
+    out = block(torch.randn(2, 8, 32)).view(16, 32)
+    assigned = block.last_routing.assignments
+    assert assigned.token_idx.numel() == 2 * 4 * 8
+    padding = ~mask.view(-1)
+    assert (assigned.weight[padding[assigned.token_idx]] == 0).all()
+    assert (assigned.weight[~padding[assigned.token_idx]] > 0).all()
+    assert (out[padding] == 0).all() and (out[~padding].abs().sum(-1) > 0).all()

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from backbones import VOCAB, dense_config, learn_thresholds
+from backbones import VOCAB, copy_dense_into_experts, dense_config, learn_thresholds
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import hf_moe
@@ -85,16 +85,6 @@ def test_evaluation_logits_do_not_depend_on_the_rest_of_the_batch(routing, overr
         shuffled = model(ids.flip(0)).logits.flip(0)
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(together, shuffled, rtol=1e-5, atol=1e-6)
-
-
-def copy_dense_into_experts(moe_model, dense_model):
-    """Every expert a copy of the dense MLP; every other weight shared."""
-    dense_state = dense_model.state_dict()
-    moe_state = moe_model.state_dict()
-    for name, tensor in moe_state.items():
-        dense_name = name.removeprefix("backbone.").replace(".experts.", ".")
-        if dense_name in dense_state:
-            tensor.copy_(dense_state[dense_name].expand_as(tensor))
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3", "gpt2"])

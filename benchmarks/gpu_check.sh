@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU checks in one go (a few minutes on one H100/H200), results written to files:
+#
+#     bash benchmarks/gpu_check.sh [RESULTS_DIR]      # from the repository root; default: $OUT or ./gpu_results
+#
+# 1. the modeling tests on CUDA in float32 and bfloat16: save/load round trip, cached generation,
+#    exactness of copied experts, causality (tests/modeling/test_on_device.py --device cuda);
+# 2. the layer benchmark at the issue's GPU sizes (bf16, 16384 tokens, hidden 2048, intermediate 5632,
+#    8 and 64 experts) against the dense reference and transformers' grouped_mm Mixtral block;
+# 3. the model benchmark on CUDA: training throughput and decode latency against the dense backbone.
+#
+# Each step has its own time limit and log; a failing step does not stop the later ones. The last
+# lines of summary.txt give each step's exit status (0 = passed; 124 = ran past its limit).
+# Python packages newer than the machine's (transformers >= 5.23, huggingface_hub, peft) can be put
+# as wheels in .whl/ next to this repository's root; they are installed into /tmp/site first.
+set -uo pipefail
+
+RESULTS=${1:-${OUT:-gpu_results}}
+mkdir -p "$RESULTS"
+PYTHON=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# hf_moe's package metadata (the upcycler records its version); the code itself runs from this checkout.
+VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+mkdir -p "/tmp/hf_moe_meta/hf_moe-$VERSION.dist-info"
+printf 'Metadata-Version: 2.1\nName: hf-moe\nVersion: %s\n' "$VERSION" >"/tmp/hf_moe_meta/hf_moe-$VERSION.dist-info/METADATA"
+export PYTHONPATH=$PWD:${PYTHONPATH:+$PYTHONPATH:}/tmp/hf_moe_meta
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+    "$PYTHON" -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'transformers', transformers.__version__, 'peft', peft.__version__); print(torch.cuda.get_device_name(0))"
+} >"$RESULTS/environment.txt" 2>&1
+
+step() {  # step NAME LIMIT_SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name: $*" | tee -a "$RESULTS/summary.txt"
+    timeout "$limit" "$@" >"$RESULTS/$name.txt" 2>&1
+    local status=$?
+    tail -n 3 "$RESULTS/$name.txt" >>"$RESULTS/summary.txt"
+    echo "$name exit status: $status" | tee -a "$RESULTS/summary.txt"
+}
+
+step tests_cuda 240 "$PYTHON" -m pytest tests/modeling/test_on_device.py --device cuda -q -rs -p no:cacheprovider
+step bench_layer_cuda 300 "$PYTHON" benchmarks/bench_layer.py --device cuda --dtype bfloat16 \
+    --tokens 16384 --hidden 2048 --intermediate 5632 --experts 8 64
+step bench_model_cuda 240 "$PYTHON" benchmarks/bench_model.py --device cuda
