@@ -242,6 +242,8 @@ def _export(
             yield read_source(out.name) if out.name in sources else torch.zeros(out.shape, dtype=out.dtype)
 
         native.hf_moe_export = {**origin, "hf_moe_version": version("hf-moe")}
+        if getattr(config, "upcycling", None):
+            native.hf_moe_export["upcycling"] = config.upcycling
         with staged_output(output_dir, overwrite) as staging:
             write_sharded_safetensors(staging, outputs, produce, shard_bytes, progress)
             native.save_pretrained(staging)

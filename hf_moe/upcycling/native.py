@@ -171,6 +171,19 @@ NO_NATIVE_COUNTERPART = {
 }
 
 
+# Other transformers MoE architectures (besides every model_type containing "moe").
+OTHER_MOE_TYPES = ("dbrx", "deepseek_v2", "deepseek_v3", "gpt_oss", "jamba", "llama4", "llama4_text", "minimax")
+
+
+def is_moe_model_type(model_type) -> bool:
+    """A native MoE architecture of transformers (what `hf-moe upcycle` refuses, pointing to import)."""
+    return (
+        isinstance(model_type, str)
+        and (model_type in FAMILIES_BY_NATIVE or "moe" in model_type or model_type in ("mixtral", *OTHER_MOE_TYPES))
+        and model_type not in ("switch_moe", "expert_choice_moe")
+    )
+
+
 def supported_mappings() -> str:
     """One line per mapping, for ``--help`` and error messages."""
     lines = []

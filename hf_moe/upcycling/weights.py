@@ -24,6 +24,7 @@ from transformers import CONFIG_MAPPING, AutoModel, AutoModelForCausalLM, AutoMo
 
 from ..modeling import ARCHITECTURES, find_feed_forward_blocks
 from ..modeling.experts import GroupedLinear
+from .native import FAMILIES_BY_NATIVE, is_moe_model_type
 from .settings import UpcyclingSettings
 from .streaming import OutputTensor
 
@@ -61,6 +62,11 @@ def check_model_type(model_type) -> None:
     if model_type in ("switch_moe", "expert_choice_moe"):
         raise ValueError(
             f"The source is already an hf_moe model (model_type {model_type!r}); upcycle a dense checkpoint"
+        )
+    if is_moe_model_type(model_type):
+        raise ValueError(
+            f"The source is already a MoE model (model_type {model_type!r}): `hf-moe import` turns native "
+            f"{list(FAMILIES_BY_NATIVE)} checkpoints into hf_moe checkpoints; upcycling takes a dense checkpoint"
         )
     if model_type not in CONFIG_MAPPING:
         raise unsupported_architecture(model_type, "transformers does not know it")

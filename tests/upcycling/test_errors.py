@@ -80,7 +80,7 @@ def test_unknown_model_type_lists_the_supported_ones(llama, tmp_path):
     )
 
 
-def test_architecture_without_a_dense_feed_forward_block(tmp_path):
+def test_native_moe_source_points_to_import(tmp_path):
     source = tmp_path / "mixtral"
     AutoConfig.for_model(
         "mixtral",
@@ -95,7 +95,7 @@ def test_architecture_without_a_dense_feed_forward_block(tmp_path):
         source,
         tmp_path / "out",
         ValueError,
-        r"Unknown architecture: cannot upcycle model_type 'mixtral' \(Cannot build experts.*Supported \(tested\)",
+        r"The source is already a MoE model \(model_type 'mixtral'\): `hf-moe import` turns native",
     )
 
 
