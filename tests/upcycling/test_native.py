@@ -1,6 +1,9 @@
 """Export to native transformers MoE architectures and import back: exact, streamed, atomic, refused with reasons."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -328,3 +331,42 @@ def test_cli_export_import_and_help(save_dense, tmp_path, capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert "qwen3 -> qwen3_moe (any moe_layers, either norm_topk_prob)" in help_text
     assert "llama/mistral -> mixtral (every layer MoE, renormalised top-k only)" in help_text
+
+
+MEMORY_PROBE = """
+import sys, threading, time
+import psutil
+from hf_moe import export_checkpoint, import_checkpoint
+convert = export_checkpoint if sys.argv[1] == "export" else import_checkpoint
+process = psutil.Process()
+baseline = peak = process.memory_info().rss
+done = threading.Event()
+def sample():
+    global peak
+    while not done.is_set():
+        peak = max(peak, process.memory_info().rss)
+        time.sleep(0.0005)
+sampler = threading.Thread(target=sample)
+sampler.start()
+convert(sys.argv[2], sys.argv[3], verify=False, progress=False)
+done.set()
+sampler.join()
+print((peak - baseline) / 2**20)
+"""
+
+
+def test_export_and_import_stream_one_expert_at_a_time(tmp_path):
+    # One MoE layer of 8 experts; each stacked expert weight is 8 x 4 MB = 32 MB, the model ~100 MB.
+    dense = tiny_dense("llama", num_hidden_layers=1, hidden_size=128, intermediate_size=8192)
+    dense.save_pretrained(tmp_path / "dense")
+    moe = upcycle_checkpoint(tmp_path / "dense", tmp_path / "moe", num_experts=8, moe_layers="all", progress=False)
+    stacked_mb = 8 * 8192 * 128 * 4 / 2**20
+    for command, source in (("export", moe), ("import", tmp_path / "native")):
+        result = subprocess.run(
+            [sys.executable, "-c", MEMORY_PROBE, command, str(source), str(tmp_path / command)],
+            capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        if command == "export":
+            os.rename(tmp_path / "export", tmp_path / "native")
+        peak_growth_mb = float(result.stdout.split()[-1])
+        assert peak_growth_mb < stacked_mb, (command, peak_growth_mb)  # holding the model would take ~3x that
