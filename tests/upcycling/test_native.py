@@ -370,3 +370,14 @@ def test_export_and_import_stream_one_expert_at_a_time(tmp_path):
             os.rename(tmp_path / "export", tmp_path / "native")
         peak_growth_mb = float(result.stdout.split()[-1])
         assert peak_growth_mb < stacked_mb, (command, peak_growth_mb)  # holding the model would take ~3x that
+
+
+def test_tied_embeddings_and_dtype_carry_over(tmp_path):
+    tiny_dense("qwen3", tie_word_embeddings=True).to(torch.bfloat16).save_pretrained(tmp_path / "dense")
+    moe = upcycle(tmp_path / "dense", tmp_path / "moe")
+    native_folder = export_checkpoint(moe, tmp_path / "native", progress=False)
+    assert "lm_head.weight" not in load_file(native_folder / "model.safetensors")
+    native = load(native_folder)
+    assert native.config.tie_word_embeddings and native.dtype == torch.bfloat16
+    assert native.lm_head.weight.data_ptr() == native.model.embed_tokens.weight.data_ptr()
+    assert_same_model(load(moe).float(), native.float())
