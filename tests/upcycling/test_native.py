@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_models import VOCAB, leftovers, tiny_config, tiny_dense
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import hf_moe  # noqa: F401  (registers the architectures)
 from hf_moe import export_checkpoint, import_checkpoint, upcycle_checkpoint
@@ -381,3 +381,26 @@ def test_tied_embeddings_and_dtype_carry_over(tmp_path):
     assert native.config.tie_word_embeddings and native.dtype == torch.bfloat16
     assert native.lm_head.weight.data_ptr() == native.model.embed_tokens.weight.data_ptr()
     assert_same_model(load(moe).float(), native.float())
+
+
+@pytest.mark.parametrize(
+    "model_type, auto_class, native_class",
+    [
+        ("qwen3", AutoModelForSequenceClassification, "Qwen3MoeForSequenceClassification"),
+        ("llama", AutoModel, "MixtralModel"),
+    ],
+)
+def test_other_heads_export_and_import(model_type, auto_class, native_class, tmp_path):
+    torch.manual_seed(0)
+    auto_class.from_config(tiny_config(model_type, num_labels=3)).save_pretrained(tmp_path / "dense")
+    moe = upcycle(tmp_path / "dense", tmp_path / "moe", moe_layers="all")
+    native_folder = export_checkpoint(moe, tmp_path / "native", progress=False)
+    native = auto_class.from_pretrained(native_folder).eval()
+    assert type(native).__name__ == native_class
+    input_ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    key = "logits" if native_class.endswith("Classification") else "last_hidden_state"
+    with torch.no_grad():
+        expected = auto_class.from_pretrained(moe).eval()(input_ids)[key]
+        assert (native(input_ids)[key] - expected).abs().max() <= MAX_ABS
+    back = import_checkpoint(native_folder, tmp_path / "back", progress=False)
+    assert json.loads((back / "config.json").read_text())["architectures"][0].startswith("SwitchMoe")
