@@ -126,6 +126,7 @@ def build_case(workdir: Path, name: str, model_type: str, settings: dict) -> Pat
     with torch.no_grad():
         for parameter in dense.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.02)
+        dense.lm_head.weight.normal_(0.0, 1.0)  # peaked next-token distributions: no near-ties in greedy decoding
     dense.save_pretrained(dense_dir)
     write_tokenizer(dense_dir)
     return upcycle_checkpoint(
