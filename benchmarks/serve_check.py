@@ -174,22 +174,25 @@ def compare(reference: list[dict], engine: list[dict]) -> dict:
 
 
 def run_engine(python: str, engine: str, model_dir: Path, prompts, convert_script: str | None) -> dict:
+    answer_path = model_dir.with_name(f"{model_dir.name}.{engine}.json")
     request = {"engine": engine, "model_dir": str(model_dir), "prompts": prompts, "convert_script": convert_script}
+    request["answer_path"] = str(answer_path)
     result = subprocess.run(
         [python, __file__, "--worker"], input=json.dumps(request), capture_output=True, text=True, timeout=1800
     )
-    if result.returncode != 0:
+    if result.returncode != 0 or not answer_path.is_file():
         return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(answer_path.read_text())
 
 
 def worker_main() -> None:
+    """The engine's side (engines log to stdout, so the answer goes to a file)."""
     request = json.loads(sys.stdin.read())
     if request["engine"] == "vllm":
         answer = vllm_worker(request["model_dir"], request["prompts"])
     else:
         answer = llama_cpp_worker(request["model_dir"], request["prompts"], request["convert_script"])
-    print(json.dumps(answer))
+    Path(request["answer_path"]).write_text(json.dumps(answer))
 
 
 def main() -> None:

@@ -165,7 +165,10 @@ FAMILIES_BY_DENSE = {dense: family for family in FAMILIES for dense in family.de
 
 # Dense backbones without an exact native MoE counterpart in transformers, and why.
 NO_NATIVE_COUNTERPART = {
-    "gemma3_text": "transformers has no Gemma 3 MoE architecture (sandwich norms, scaled embeddings, soft-capping)",
+    "gemma3_text": (
+        "transformers has no Gemma 3 MoE architecture; gemma4's MoE block adds its experts to an always-on dense "
+        "MLP through extra norms, with a router that normalises and rescales its own input"
+    ),
     "phi3": "phimoe routes with SparseMixer and uses LayerNorm with biases, not Phi-3's softmax top-k and RMSNorm",
     "gpt2": "transformers has no GPT-2 MoE architecture (learned positions, LayerNorm, Conv1D MLP)",
 }

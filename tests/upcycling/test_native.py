@@ -194,7 +194,11 @@ def refused(call, match, tmp_path, output="out"):
         ("mistral", dict(moe_layers="all", norm_topk_prob=False), r"raw gates \(norm_topk_prob=False\)"),
         ("qwen3", dict(eval_capacity_factor=1.0), "evaluation capacity factor 1.0 drops tokens; native models are"),
         ("olmo2", dict(moe_layers=[0]), "flex_olmo needs every layer MoE"),
-        ("gemma3_text", dict(), "'gemma3_text' has no native MoE counterpart: transformers has no Gemma 3 MoE"),
+        (
+            "gemma3_text",
+            dict(),
+            "'gemma3_text' has no native MoE counterpart: transformers has no Gemma 3 MoE architecture",
+        ),
         ("phi3", dict(), "phimoe routes with SparseMixer"),
         ("gpt2", dict(), "backbone 'gpt2' has no native MoE counterpart"),
         ("llama", dict(moe_layers="all", mlp_bias=True), "mixtral has no mlp_bias=True"),
