@@ -7,6 +7,13 @@ architectures with transformers' Auto classes.
 from .modeling import *  # noqa: F403
 from .modeling import __all__ as _modeling_all
 from .modeling.configuration_moe import HF_MOE_VERSION as __version__
-from .upcycling import upcycle_checkpoint, upcycle_model
+from .upcycling import export_checkpoint, import_checkpoint, upcycle_checkpoint, upcycle_model
 
-__all__ = [*_modeling_all, "__version__", "upcycle_checkpoint", "upcycle_model"]
+__all__ = [
+    *_modeling_all,
+    "__version__",
+    "export_checkpoint",
+    "import_checkpoint",
+    "upcycle_checkpoint",
+    "upcycle_model",
+]

@@ -52,7 +52,7 @@ def format_count(count: float) -> str:
 
 def upcycled_model_card(plan, model_name: str) -> str:
     """The card of an upcycled checkpoint (``card_templates/upcycled.md``) from its conversion plan."""
-    from .upcycling.weights import parameter_counts  # the card needs the plan's meta model
+    from .upcycling.weights import head_of, parameter_counts  # the card needs the plan's meta model
 
     config = plan.config
     upcycling = config.upcycling
@@ -114,4 +114,118 @@ def upcycled_model_card(plan, model_name: str) -> str:
         dtype=upcycling.get("dtype") or "as the source",
         verification=verification,
         tokenizer_remote_code=upcycling.get("tokenizer_remote_code_not_copied"),
+        export_status=export_status(config, head_of(plan.moe_class.__name__)),
+    )
+
+
+def export_status(config, head: int) -> str:
+    """Whether an hf_moe model can be exported to a native architecture (the upcycled card's line)."""
+    from .upcycling.native import FAMILIES_BY_DENSE, export_problems
+
+    problems = export_problems(config, head)
+    if problems:
+        return "cannot be exported to a native transformers architecture: " + "; ".join(problems)
+    family = FAMILIES_BY_DENSE[config.text_config.model_type]
+    return (
+        f"can be exported exactly to the native `{family.model_type}` architecture "
+        f"(`hf-moe export MODEL_DIR OUT_DIR`), served by {', '.join(e.name for e in family.engines)}"
+    )
+
+
+def serving_limits(config, family, native) -> list[str]:
+    """What the engines do differently for these settings, and what the export leaves behind."""
+    limits = []
+    raw_gates = family.norm_topk_prob_field is not None and not config.norm_topk_prob
+    engines = {engine.name for engine in family.engines}
+    if family.model_type == "qwen3_moe" and raw_gates:
+        limits.append(
+            "llama.cpp always renormalises qwen3moe top-k gates: this raw-gate model (norm_topk_prob=False) "
+            "computes a different function there and gives other tokens, without a warning"
+        )
+    dense_layers = getattr(native, family.dense_layers_field, None) if family.dense_layers_field else None
+    if dense_layers and "llama.cpp" in engines:
+        limits.append(
+            f"llama.cpp cannot load dense/MoE layer mixes: layers {dense_layers} are dense "
+            "(upcycle with --moe-layers all for a llama.cpp-compatible model)"
+        )
+    if family.zero_tensors:
+        limits.append(
+            "the shared expert has size 0 (shared_expert_intermediate_size=0) so that it adds exactly nothing; "
+            "an engine that assumes a non-empty shared expert may reject the checkpoint (not checked here)"
+        )
+    dropped = [
+        f"{name}={getattr(config, name)}"
+        for name in ("router_z_loss_coef", "expert_dropout", "capacity_factor", "router_jitter_noise")
+        if getattr(config, name, None) and name not in family.carried_fields
+    ]
+    if dropped:
+        limits.append(
+            f"training-only hf_moe settings have no native field and are not carried over ({', '.join(dropped)}); "
+            "native training is dropless. To fine-tune with them, `hf-moe import` this checkpoint"
+        )
+    limits.append(
+        "native routers compute their logits in the weights' dtype, hf_moe in float32: in bfloat16 or float16 "
+        "a near-tie between experts may be broken differently"
+    )
+    return limits
+
+
+def exported_model_card(config, family, native, model_name: str, origin: dict) -> str:
+    """The card of an exported native checkpoint (``card_templates/exported.md``)."""
+    upcycling = getattr(config, "upcycling", None) or {}
+    head_class = native.architectures[0]
+    card_data = ModelCardData(
+        base_model=origin["source"] if origin.get("revision") else None,
+        library_name="transformers",
+        tags=["moe", family.model_type, "hf_moe"] + (["upcycled"] if upcycling else []),
+        pipeline_tag="text-generation" if head_class.endswith("ForCausalLM") else None,
+    )
+    gates = "renormalised to sum 1" if config.norm_topk_prob else "raw softmax probabilities"
+    dense_layers = getattr(native, family.dense_layers_field) if family.dense_layers_field else []
+    return render_model_card(
+        "exported",
+        card_data=card_data,
+        model_name=model_name,
+        source=origin["source"],
+        revision=origin.get("revision"),
+        upcycled_from=upcycling.get("source"),
+        dense_model_type=config.text_config.model_type,
+        native_model_type=family.model_type,
+        native_class=head_class,
+        num_experts=config.num_experts,
+        top_k=config.num_experts_per_tok,
+        gates=gates,
+        moe_layers=", ".join(str(i) for i in config.moe_layers),
+        dense_layers=", ".join(str(i) for i in dense_layers) or "none",
+        engines=family.engines,
+        limits=serving_limits(config, family, native),
+        verification=getattr(native, "hf_moe_export", {}).get("verification"),
+    )
+
+
+def imported_model_card(config, family, plan, model_name: str) -> str:
+    """The card of a native MoE checkpoint imported into hf_moe (``card_templates/imported.md``)."""
+    imported = config.imported
+    card_data = ModelCardData(
+        base_model=imported["source"] if imported.get("revision") else None,
+        library_name="transformers",
+        tags=["moe", config.model_type, "hf_moe"],
+        pipeline_tag="text-generation" if plan.moe_class.__name__.endswith("ForCausalLM") else None,
+    )
+    return render_model_card(
+        "imported",
+        card_data=card_data,
+        model_name=model_name,
+        source=imported["source"],
+        revision=imported.get("revision"),
+        native_model_type=family.model_type,
+        dense_model_type=config.text_config.model_type,
+        model_class=plan.moe_class.__name__,
+        auto_class=plan.moe_class.dense_auto_class.__name__,
+        num_experts=config.num_experts,
+        top_k=config.num_experts_per_tok,
+        norm_topk_prob=config.norm_topk_prob,
+        moe_layers=", ".join(str(i) for i in config.moe_layers),
+        num_layers=config.text_config.num_hidden_layers,
+        verification=imported.get("verification"),
     )

@@ -1,6 +1,8 @@
 """The ``hf-moe`` command line: one argparse subcommand per task.
 
     hf-moe upcycle SOURCE OUTPUT_DIR --routing switch --num-experts 8 --top-k 2 --verify
+    hf-moe export MOE_DIR OUTPUT_DIR        # hf_moe -> native transformers MoE (qwen3_moe, mixtral, ...)
+    hf-moe import NATIVE_DIR OUTPUT_DIR     # native MoE -> hf_moe
 
 A subcommand is a function ``add_<name>_parser(subparsers)`` that registers its arguments and
 sets ``handler``; `main` dispatches to it and turns user errors into a message and exit status.
@@ -15,7 +17,9 @@ import warnings
 from transformers.utils import CONFIG_NAME
 
 from .upcycling import EXPERT_INITS, ROUTINGS, upcycle_checkpoint
-from .upcycling.convert import DTYPES
+from .upcycling.convert import DTYPES, FORMATS
+from .upcycling.export import export_checkpoint, import_checkpoint
+from .upcycling.native import FAMILIES_BY_NATIVE, supported_mappings
 from .upcycling.settings import DEFAULT_NOISE_STD, UPCYCLING_TOP_K, UpcyclingWarning
 from .upcycling.verify import VerificationError, VerificationReport
 
@@ -183,6 +187,13 @@ def configure_upcycle_parser(parser: argparse.ArgumentParser) -> None:
         help="convert a SOURCE whose tokenizer needs custom code (auto_map); its code is still not copied, "
         "and the model card says so (default: refuse such a SOURCE)",
     )
+    parser.add_argument(
+        "--format",
+        choices=list(FORMATS),
+        default="hf_moe",
+        help="hf_moe: switch_moe/expert_choice_moe checkpoint (default); native: the native transformers MoE "
+        f"architecture, loadable without hf_moe, for settings that have one ({supported_mappings()})",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     parser.set_defaults(handler=run_upcycle, flag_names=flag_names(parser))
 
@@ -213,6 +224,7 @@ def run_upcycle(args: argparse.Namespace) -> int:
             revision=args.revision,
             progress=args.progress,
             allow_tokenizer_remote_code=args.allow_tokenizer_remote_code,
+            format=args.format,
             **{k: v for k, v in options.items() if v is not None},
             **overrides,
         )
@@ -221,9 +233,12 @@ def run_upcycle(args: argparse.Namespace) -> int:
             print(f"hf-moe: warning: {in_cli_terms(str(warning.message), args.flag_names)}", file=sys.stderr)
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
-    verification = json.loads((output / CONFIG_NAME).read_text())["upcycling"].get("verification")
-    if verification is not None:
-        print(VerificationReport.from_dict(verification).summary())
+    config = json.loads((output / CONFIG_NAME).read_text())
+    upcycling = config["hf_moe_export"]["upcycling"] if args.format == "native" else config["upcycling"]
+    if upcycling.get("verification") is not None:
+        print(VerificationReport.from_dict(upcycling["verification"]).summary())
+    if args.format == "native":
+        _print_native_report(config["hf_moe_export"].get("verification"), config["model_type"])
     print(f"Wrote {output}")
     return 0
 
@@ -266,12 +281,105 @@ def in_cli_terms(message: str, names: dict[str, str]) -> str:
     return re.sub(pattern, replace, message)
 
 
+def add_export_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "export",
+        help="write an hf_moe checkpoint in a native transformers MoE architecture (qwen3_moe, mixtral, ...)",
+        description=(
+            "Write an hf_moe checkpoint as a native transformers MoE checkpoint that loads with the stock Auto "
+            "classes, without hf_moe or trust_remote_code, and that serving engines (vLLM, SGLang, llama.cpp) know. "
+            "Tensors are renamed and split per expert, streaming; the output computes exactly the same function "
+            f"(verified). Supported mappings: {supported_mappings()}. Expert Choice routing and an evaluation "
+            "capacity factor (token dropping) have no native counterpart."
+        ),
+    )
+    parser.add_argument("source", metavar="MOE_DIR", help="hf_moe checkpoint directory, or a Hub id")
+    _add_native_options(parser)
+    parser.set_defaults(handler=run_export, flag_names=flag_names(parser))
+    return parser
+
+
+def add_import_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "import",
+        help="turn a native transformers MoE checkpoint (qwen3_moe, mixtral, ...) into an hf_moe checkpoint",
+        description=(
+            "Turn a native transformers MoE checkpoint into an hf_moe switch_moe checkpoint computing the same "
+            "function (dropless, as the native model), so that the hf_moe recipes (router z-loss, expert dropout, "
+            f"capacity factors, routing health) apply. Supported: {list(FAMILIES_BY_NATIVE)}. Shared experts and "
+            "experts of another size than the dense layers' MLP are refused."
+        ),
+    )
+    parser.add_argument("source", metavar="NATIVE_DIR", help="native MoE checkpoint directory, or a Hub id")
+    _add_native_options(parser)
+    parser.set_defaults(handler=run_import, flag_names=flag_names(parser))
+    return parser
+
+
+def _add_native_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="where to write (must not exist or be empty)")
+    parser.add_argument(
+        "--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)"
+    )
+    parser.add_argument("--revision", default=None, help="Hub revision (Hub ids only)")
+    parser.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip the verification (every tensor bit for bit, and both models' logits when they fit in memory)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR (only once the new one is complete)"
+    )
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+
+
+def _native_options(args: argparse.Namespace) -> dict:
+    return dict(
+        max_shard_size=args.max_shard_size,
+        verify=args.verify,
+        overwrite=args.overwrite,
+        revision=args.revision,
+        progress=args.progress,
+    )
+
+
+def _print_native_report(report: dict | None, model_type: str) -> None:
+    if report is None:
+        return
+    deviation = report["model_max_relative_deviation"]
+    model = (
+        f"whole-model logits max relative deviation {deviation:.3e}"
+        if deviation is not None
+        else f"whole-model comparison skipped: {report['model_comparison_skipped']}"
+    )
+    print(f"Verification ({model_type}): tensors bit-exact: {report['tensors_bit_exact']}; {model}; PASSED")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    output = export_checkpoint(args.source, args.output_dir, **_native_options(args))
+    config = json.loads((output / CONFIG_NAME).read_text())
+    _print_native_report(config["hf_moe_export"].get("verification"), config["model_type"])
+    print(f"Wrote {output} ({config['architectures'][0]})")
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    output = import_checkpoint(args.source, args.output_dir, **_native_options(args))
+    config = json.loads((output / CONFIG_NAME).read_text())
+    _print_native_report(config["imported"].get("verification"), config["model_type"])
+    print(f"Wrote {output} ({config['architectures'][0]})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-moe", description="hf_moe: sparse Mixture-of-Experts for Hugging Face transformers"
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_upcycle_parser(subparsers)
+    add_export_parser(subparsers)
+    add_import_parser(subparsers)
     return parser
 
 

@@ -4,6 +4,7 @@ Both build the same `ConversionPlan` from meta-device models and produce every M
 `weights.produce`, so they give identical tensors for the same settings and seed.
 """
 
+import contextlib
 import copy
 import errno
 import json
@@ -64,6 +65,7 @@ DATA_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".bpe")
 STAGING_TAG = "hf-moe-upcycle"
 HOST = re.sub(r"[^\w-]", "-", socket.gethostname()) or "localhost"
 HUB_IGNORE_PATTERNS = ("*.h5", "*.msgpack", "*.onnx", "*.gguf", "*.tflite", "*.ot", "original/*", "consolidated*")
+FORMATS = ("hf_moe", "native")
 REPO_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
 
@@ -157,6 +159,7 @@ def upcycle_checkpoint(
     revision: str | None = None,
     progress: bool = True,
     allow_tokenizer_remote_code: bool = False,
+    format: str = "hf_moe",
     **config_overrides,
 ) -> Path:
     """Convert a dense checkpoint directory (or Hub id) into an MoE checkpoint, streaming.
@@ -182,11 +185,27 @@ def upcycle_checkpoint(
             its tokenizer config). Without it such a source is refused. Either way no code file is copied:
             only tokenizer and generation data files travel; the missing code is recorded in config.json
             and the model card.
+        format: ``"hf_moe"`` (``switch_moe`` / ``expert_choice_moe``), or ``"native"``: the native
+            transformers MoE architecture of `hf_moe.export_checkpoint` (e.g. qwen3 -> ``qwen3_moe``),
+            for settings that have one (refused before anything is written otherwise); it upcycles
+            into a hidden temporary folder, then exports and verifies (``verify``) from there.
         Other options as in `upcycle_model`.
 
     Returns:
         The output directory.
     """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
+    if format == "native":
+        from .export import upcycle_to_native  # export builds on this module
+
+        options = dict(routing=routing, num_experts=num_experts, moe_layers=moe_layers, expert_init=expert_init)
+        options.update(noise_std=noise_std, drop_ratio=drop_ratio, seed=seed, dtype=dtype, **config_overrides)
+        return upcycle_to_native(
+            source, output_dir, overwrite=overwrite, revision=revision, verify=verify,
+            max_shard_size=max_shard_size, progress=progress,
+            allow_tokenizer_remote_code=allow_tokenizer_remote_code, **options,
+        )  # fmt: skip
     settings = UpcyclingSettings(
         routing=routing,
         num_experts=num_experts,
@@ -464,6 +483,12 @@ def _write_metadata(staging: Path, plan, source_folder: Path) -> None:
     config.architectures = [plan.moe_class.__name__]
     custom_object_save(plan.meta_moe, staging, config=config)
     config.save_pretrained(staging)
+    copy_data_files(source_folder, staging)
+
+
+def copy_data_files(source_folder: Path, staging: Path) -> None:
+    """The tokenizer, generation config and chat template files of the source: data files only,
+    never code (a ``*.py`` beside a tokenizer would run under ``trust_remote_code``)."""
     skipped = []
     for pattern in COPIED_FILE_PATTERNS:
         for path in source_folder.glob(pattern):
@@ -518,3 +543,18 @@ def _publish(staging: Path, output_dir: Path, overwrite: bool) -> None:
             f"output_dir={str(output_dir)!r} was filled by another process while this conversion ran; "
             "it was left as it is"
         ) from None
+
+
+@contextlib.contextmanager
+def staged_output(output_dir: Path, overwrite: bool):
+    """A hidden folder next to ``output_dir`` to build the output in; published with `_publish`
+    when the block completes, removed on any failure (Ctrl-C included)."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(output_dir, "unfinished"), dir=output_dir.parent))
+    try:
+        staging.chmod(0o755)  # mkdtemp makes it private; the published folder should not be
+        yield staging
+        _publish(staging, output_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

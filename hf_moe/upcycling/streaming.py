@@ -109,17 +109,22 @@ class SafetensorsFile:
             entries[name] = TensorEntry(dtype, shape, data_start + begin, data_start + end)
         return entries
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, row: int | None = None) -> torch.Tensor:
+        """The tensor, or only ``tensor[row]`` (its bytes are contiguous: one expert of a stacked weight)."""
         entry = self.entries[name]
-        if entry.end == entry.begin:
-            return torch.empty(entry.shape, dtype=entry.dtype)
+        begin, end, shape = entry.begin, entry.end, entry.shape
+        if row is not None:
+            row_bytes = (end - begin) // shape[0]
+            begin, end, shape = begin + row * row_bytes, begin + (row + 1) * row_bytes, shape[1:]
+        if end == begin:
+            return torch.empty(shape, dtype=entry.dtype)
         if self._file is None:
             self._file = open(self.path, "rb")
-        buffer = bytearray(entry.end - entry.begin)
-        self._file.seek(entry.begin)
+        buffer = bytearray(end - begin)
+        self._file.seek(begin)
         if self._file.readinto(buffer) != len(buffer):
             raise self._corrupt(f"tensor {name!r} is truncated")
-        return torch.frombuffer(buffer, dtype=entry.dtype).reshape(entry.shape)
+        return torch.frombuffer(buffer, dtype=entry.dtype).reshape(shape)
 
     def close(self) -> None:
         if self._file is not None:
@@ -210,11 +215,13 @@ class DenseCheckpoint:
             return self._safetensors[file_name].entries[name].dtype
         return self._torch_files[file_name][name].dtype
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, row: int | None = None) -> torch.Tensor:
+        """The tensor, or only ``tensor[row]`` read on its own (one expert of a stacked weight)."""
         file_name = self.location[name]
         if file_name in self._safetensors:
-            return self._safetensors[file_name].read(name)
-        return self._torch_files[file_name][name].clone()
+            return self._safetensors[file_name].read(name, row)
+        tensor = self._torch_files[file_name][name]
+        return (tensor if row is None else tensor[row]).clone()
 
     def close(self) -> None:
         for file in self._safetensors.values():

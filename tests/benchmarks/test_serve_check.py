@@ -1,0 +1,34 @@
+"""benchmarks/serve_check.py builds its native models and compares engine answers token by token."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_check.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("serve_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_reports_the_first_differing_step_and_logprob_gap():
+    compare = load_script().compare
+    reference = [{"tokens": [5, 6, 7], "logprobs": [-0.1, -0.2, -0.3]}, {"tokens": [8, 9], "logprobs": [-1.0, -2.0]}]
+    same = compare(reference, [{"tokens": [5, 6, 7], "logprobs": [-0.1, -0.25, -0.3]}, reference[1]])
+    assert same["greedy_equal"] and abs(same["max_abs_logprob_diff"] - 0.05) < 1e-9
+    differ = compare(reference, [reference[0], {"tokens": [8, 4], "logprobs": [-1.5, -2.0]}])
+    assert not differ["greedy_equal"] and differ["first_difference"] == "prompt 1, step 1"
+    assert differ["max_abs_logprob_diff"] == 0.5  # steps after the first differing token are not compared
+
+
+def test_without_engines_it_builds_the_models_and_says_what_it_skipped(tmp_path):
+    command = [sys.executable, str(SCRIPT), "--workdir", str(tmp_path), "--cases", "qwen3 -> qwen3_moe, MoE", "mixtral"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "skipped (not given): vllm, llama.cpp" in result.stdout
+    native = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith("-dense"))
+    assert len(native) == 3 and all((tmp_path / name / "tokenizer.json").is_file() for name in native)
