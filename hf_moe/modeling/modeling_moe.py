@@ -239,6 +239,12 @@ class MoePreTrainedModel(PreTrainedModel):
     def set_output_embeddings(self, value):
         self.backbone.set_output_embeddings(value)
 
+    @property
+    def base_model(self) -> "MoeDecoder":
+        """The decoder without its head, as ``LlamaForCausalLM.base_model`` is the ``LlamaModel``
+        (TRL's fused LM head reads ``last_hidden_state`` from it); see `MoeDecoder`."""
+        return MoeDecoder(self)
+
     def moe_blocks(self) -> list[MoeBlock]:
         return [m for m in self.modules() if isinstance(m, MoeBlock)]
 
@@ -265,6 +271,7 @@ class MoePreTrainedModel(PreTrainedModel):
         output_router_logits=None,
         output_routing_stats=None,
         return_dict=None,
+        hidden_states_only=False,
         **kwargs,
     ) -> MoeModelOutput | tuple:
         r"""Run the backbone (all its arguments pass through) and collect the routing of every MoE layer.
@@ -273,6 +280,13 @@ class MoePreTrainedModel(PreTrainedModel):
         output_routing_stats: compute ``aux_loss``, ``z_loss``, ``expert_load`` and ``dropped_fraction``
             (default True; always in training or with labels). Generation passes False: nothing
             reads them there, and they cost a few small operations per layer per token.
+        hidden_states_only: run the dense decoder without its head and return ``last_hidden_state``
+            (what `base_model` calls); the routing is handled as in a full forward.
+
+        With ``num_items_in_batch`` (what `Trainer` passes under gradient accumulation: the label
+        count of every micro-batch of the step, so that the summed micro-batch task losses are one
+        mean), the router terms are weighted by this batch's share of those labels, so they too
+        enter each optimizer step once (a token-weighted mean when every token has a label).
         """
         token_mask = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
         blocks = self.moe_blocks()
@@ -280,7 +294,8 @@ class MoePreTrainedModel(PreTrainedModel):
             block.token_mask = token_mask
         if labels is not None:
             kwargs["labels"] = labels
-        outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
+        module = self.backbone.base_model if hidden_states_only else self.backbone
+        outputs = module(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
         records = [block.last_routing for block in blocks]
         for block in blocks:
             block.last_routing = None
@@ -295,12 +310,21 @@ class MoePreTrainedModel(PreTrainedModel):
             extras["router_logits"] = tuple(r.router_logits for r in records)
         loss = outputs.get("loss")
         if loss is not None:
-            loss = loss + self.config.router_z_loss_coef * extras["z_loss"]
+            router_terms = self.config.router_z_loss_coef * extras["z_loss"]
             if extras["aux_loss"] is not None:
-                loss = loss + self.config.router_aux_loss_coef * extras["aux_loss"]
+                router_terms = router_terms + self.config.router_aux_loss_coef * extras["aux_loss"]
+            if kwargs.get("num_items_in_batch") is not None:
+                router_terms = router_terms * self._label_count(labels) / kwargs["num_items_in_batch"]
+            loss = loss + router_terms
         fields = {k: v for k, v in outputs.items() if k != "loss"}
         output = MoeModelOutput(loss=loss, **fields, **extras)
         return output.to_tuple() if return_dict is False else output
+
+    def _label_count(self, labels: torch.Tensor) -> torch.Tensor:
+        """Labels the task loss averages over: next-token labels for a causal LM, else non-ignored labels."""
+        if self.dense_auto_class is AutoModelForCausalLM:
+            labels = labels[..., 1:]
+        return (labels != -100).sum()
 
     def _routing_outputs(self, records: list[RoutingRecord], token_mask: torch.Tensor | None) -> dict:
         """Router losses (means over MoE layers) and per-layer statistics over non-padding tokens."""
@@ -325,6 +349,26 @@ class MoePreTrainedModel(PreTrainedModel):
             "expert_load": torch.stack(expert_load),
             "dropped_fraction": torch.stack(dropped),
         }
+
+
+class MoeDecoder:
+    """``model.base_model`` of an hf_moe model: the decoder without the head.
+
+    Calling it runs the model's forward up to the last hidden state (``hidden_states_only``), with
+    the routing handled as in a full forward (padding mask, Expert-Choice thresholds, router losses
+    and statistics in the output); any other attribute is the dense decoder's (``_tp_plan``,
+    ``get_decoder``, embeddings). A view, not a module: it owns no parameters.
+    """
+
+    def __init__(self, model: "MoePreTrainedModel"):
+        self.__dict__["model"] = model
+
+    def __call__(self, *args, **kwargs) -> MoeModelOutput:
+        # The class's forward, not the instance's: trainers may patch ``model.forward`` (TRL's fused LM head).
+        return type(self.model).forward(self.model, *args, hidden_states_only=True, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.model.backbone.base_model, name)
 
 
 class MoeGenerationMixin(GenerationMixin):
