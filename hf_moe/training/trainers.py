@@ -9,8 +9,18 @@ router_z_loss_coef * z_loss`` (Switch eq. 4, ST-MoE eq. 5), entering each optimi
 With a dense model (the dense control) it is plain SFTTrainer.
 """
 
+from dataclasses import dataclass, field
+
 from transformers import Trainer
-from trl import SFTTrainer
+from trl import SFTConfig, SFTTrainer
+
+
+@dataclass
+class MoeSFTConfig(SFTConfig):
+    """`SFTConfig` without TRL's ``router_aux_loss_coef`` (Mixtral's loss, read from the dense config); the
+    coefficient of an hf_moe model is `MoeArguments.router_aux_loss_coef`, so one flag means one thing."""
+
+    router_aux_loss_coef: float | None = field(default=None, init=False, repr=False)
 
 
 def is_moe_model(model) -> bool:
