@@ -27,6 +27,8 @@ def load_train_and_validation(config, seed: int = 42) -> DatasetDict:
                     f"({config.train_file!r}) and {other!r} ({config.validation_file!r})"
                 )
             files["validation"] = config.validation_file
+        for split, path in files.items():
+            _check_file_not_empty(path, f"{split if split == 'validation' else 'train'}_file", builder)
         raw = load_dataset(builder, data_files=files)
         train_split = "train"
     else:
@@ -50,6 +52,17 @@ def load_train_and_validation(config, seed: int = 42) -> DatasetDict:
     for split, dataset in data.items():
         _check_not_empty(dataset, split, config)
     return data
+
+
+def _check_file_not_empty(path: str, name: str, builder: str) -> None:
+    """A local data file without a single example (only a CSV header counts as empty too)."""
+    if builder == "parquet":
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [line for line in f if line.strip()]
+    if len(lines) <= (1 if builder == "csv" else 0):
+        split = "validation" if name == "validation_file" else "train"
+        raise ValueError(f"the {split} data is empty: {name} {path!r} holds no examples")
 
 
 def _check_not_empty(dataset, split: str, config) -> None:

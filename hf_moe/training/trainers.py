@@ -11,6 +11,8 @@ With a dense model (the dense control) it is plain SFTTrainer.
 
 from dataclasses import dataclass, field
 
+import torch
+
 from transformers import Trainer
 from trl import SFTConfig, SFTTrainer
 
@@ -21,6 +23,12 @@ class MoeSFTConfig(SFTConfig):
     coefficient of an hf_moe model is `MoeArguments.router_aux_loss_coef`, so one flag means one thing."""
 
     router_aux_loss_coef: float | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        # TRL defaults to bf16, which TrainingArguments refuses without a GPU unless told to use the CPU.
+        if not self.use_cpu and not torch.accelerator.is_available():
+            self.use_cpu = True
+        super().__post_init__()
 
 
 def is_moe_model(model) -> bool:
