@@ -16,7 +16,7 @@ from .outputs import (
     resolve_checkpoint,
 )
 from .publish import push_folder_to_hub, save_model_folder, write_model_card
-from .routing_health import RoutingHealth, flatten_routing_summary, format_routing_summary, plot_expert_load
+from .routing_health import load_balance, plot_expert_load
 from .trainable import classifier_head_names, moe_parameter_names, router_parameter_names, select_trainable_parameters
 from .trainers import MoeSFTConfig, MoeSFTTrainer, is_moe_model
 
@@ -28,7 +28,6 @@ __all__ = [
     "MoeCallback",
     "MoeSFTConfig",
     "MoeSFTTrainer",
-    "RoutingHealth",
     "check_checkpoint",
     "check_columns",
     "check_output_dir",
@@ -37,10 +36,9 @@ __all__ = [
     "evaluation_sets",
     "finish_run",
     "fit_length_to_positions",
-    "flatten_routing_summary",
-    "format_routing_summary",
     "is_moe_model",
     "label_names",
+    "load_balance",
     "load_model_for_finetuning",
     "load_train_and_validation",
     "moe_parameter_names",

@@ -12,7 +12,6 @@ With a dense model (the dense control) it is plain SFTTrainer.
 from dataclasses import dataclass, field
 
 import torch
-
 from transformers import Trainer
 from trl import SFTConfig, SFTTrainer
 
