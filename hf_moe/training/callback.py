@@ -5,10 +5,10 @@ Logged to whatever ``report_to`` is set (the callback adds its values to the tra
 - training: ``aux_loss``, ``z_loss``, ``router_loss`` (coefficients applied), ``task_loss`` (= ``loss`` minus
   the router terms), per MoE layer the expert load, balance and dropped fraction, and for any model
   (the dense control too) ``step_seconds`` and ``tokens_per_second``;
-- evaluation: ``eval_task_loss`` and ``eval_perplexity`` without the router terms (``eval_loss`` includes
-  them), the router terms separately, and ``eval_gap``: validation minus training task loss (a
-  training subset scored in evaluation mode when the trainer evaluates one, else the latest logged
-  training task loss);
+- evaluation: ``eval_task_loss`` and (causal LMs) ``eval_perplexity`` without the router terms
+  (``eval_loss`` includes them), the router terms separately, and ``eval_gap``: validation minus
+  training task loss (a training subset scored in evaluation mode when the trainer evaluates one,
+  else the latest logged training task loss);
 - at the end of training: ``expert_load.png`` and ``loss_curves.png`` in ``output_dir``.
 
 Router terms come from the model outputs (`MoeModelOutput.aux_loss`, ``z_loss``, ``expert_load``,
@@ -82,6 +82,7 @@ class MoeCallback(TrainerCallback):
         self.handle = None
         self.model_config = None
         self.moe_layers: list[int] = []
+        self.is_causal_lm = False
         self.step_started = 0.0
         self.step_seconds: list[float] = []
         self.last_train_task_loss: float | None = None
@@ -111,6 +112,7 @@ class MoeCallback(TrainerCallback):
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.model_config = inner.config
         self.moe_layers = list(getattr(inner.config, "moe_layers", []))
+        self.is_causal_lm = type(inner).__name__.endswith(("ForCausalLM", "LMHeadModel"))
         self.handle = inner.register_forward_hook(self._hook, with_kwargs=True)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -167,7 +169,8 @@ class MoeCallback(TrainerCallback):
         scalars = self._routing_scalars(window, prefix)
         task_loss = logs[f"{prefix}loss"] - scalars.get(f"{prefix}router_loss", 0.0)
         scalars[f"{prefix}task_loss"] = task_loss
-        scalars[f"{prefix}perplexity"] = math.exp(min(task_loss, 50.0))
+        if self.is_causal_lm:
+            scalars[f"{prefix}perplexity"] = math.exp(min(task_loss, 50.0))
         if window.load is not None:
             self.last_eval_load = {
                 "layers": self.moe_layers,

@@ -111,6 +111,7 @@ def test_classification_loss_falls_and_output_loads(classification_runs, setup):
     evaluations = eval_records(out)
     assert evaluations[-1]["eval_validation_task_loss"] < evaluations[0]["eval_validation_task_loss"]
     assert evaluations[-1]["eval_validation_accuracy"] >= 0.75
+    assert "eval_validation_perplexity" not in evaluations[-1]  # a classifier has no perplexity
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert isinstance(model, hf_moe.SwitchMoeForSequenceClassification)
     assert model.config.text_config.id2label == {0: "negative", 1: "positive"}
