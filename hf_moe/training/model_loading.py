@@ -124,7 +124,7 @@ def position_limit(model) -> tuple[str, int] | None:
     for name in ("max_position_embeddings", "n_positions"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
-            return name, value
+            return getattr(config, "attribute_map", {}).get(name, name), value  # GPT-2 stores n_positions
     return None
 
 

@@ -7,6 +7,7 @@ import pytest
 from recipe_helpers import REPO, classification_settings, clm_settings, run_recipe, write_settings
 from trl import TrlParser
 
+import hf_moe
 from hf_moe.training import ClassificationDataArguments, DataArguments, MoeArguments, MoeSFTConfig
 
 SHIPPED = sorted((REPO / "recipes" / "configs").glob("*.yaml"))
@@ -145,3 +146,19 @@ def test_sequences_longer_than_the_positions_are_truncated_with_a_warning(assets
         settings = classification_settings(assets, tmp_path / "c", max_length=300, max_steps=1)
         run_recipe("finetune_classification", settings, tmp_path)
     assert "max_length 300 exceeds the model's max_position_embeddings (128)" in caplog.text
+
+
+def test_gpt2_positions_limit_is_n_positions(caplog):
+    from types import SimpleNamespace
+
+    from transformers import GPT2Config
+
+    from hf_moe.training import fit_length_to_positions
+
+    model = SimpleNamespace(
+        config=hf_moe.SwitchMoeConfig(text_config=GPT2Config(n_positions=64, n_layer=2), num_experts=2)
+    )
+    with caplog.at_level(logging.WARNING, logger="hf_moe.training"):
+        assert fit_length_to_positions(model, 128, "max_length") == 64
+        assert fit_length_to_positions(model, 32, "max_length") == 32
+    assert "max_length 128 exceeds the model's n_positions (64): sequences are truncated to 64 tokens" in caplog.text
