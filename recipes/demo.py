@@ -175,6 +175,8 @@ def main() -> None:
             str(data_files[1]),
             "--max_steps",
             str(args.finetune_steps),
+            "--logging_steps",  # at least two training logs (step time, tokens/s), however short the run
+            str(max(1, min(5, args.finetune_steps // 2))),
             "--output_dir",
             str(folder),
             *(["--overwrite_output_dir", "true"] if args.overwrite else []),
