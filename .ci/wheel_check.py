@@ -13,7 +13,8 @@ import textwrap
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 import hf_moe
 
@@ -23,17 +24,31 @@ package = Path(hf_moe.__file__).resolve()
 assert repo not in package.parents, f"hf_moe was imported from the source tree: {package}"
 print(f"hf_moe {hf_moe.__version__} from {package.parent}")
 
-# 1. Upcycle with the console script installed beside this interpreter.
+# 1. Upcycle with the console script installed beside this interpreter; the dense checkpoint has a
+# tiny byte-level BPE tokenizer, which the upcycler carries over for the recipe below.
+lines = [f"the {a} sat on the {b} and then ate {c} ." for a in ("cat", "dog") for b in ("mat", "log") for c in "xyz"]
+(work / "train.txt").write_text("\n".join(lines * 8) + "\n")
+(work / "validation.txt").write_text("\n".join(lines) + "\n")
+bpe = Tokenizer(models.BPE())
+bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+bpe.decoder = decoders.ByteLevel()
+bpe.train_from_iterator(
+    lines,
+    trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+)
+tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
 dense = LlamaConfig(
-    vocab_size=128,
+    vocab_size=len(tokenizer),
     hidden_size=32,
     intermediate_size=64,
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
+    eos_token_id=tokenizer.eos_token_id,
 )
 torch.manual_seed(0)
 AutoModelForCausalLM.from_config(dense).save_pretrained(work / "dense")
+tokenizer.save_pretrained(work / "dense")
 script = Path(sys.executable).with_name("hf-moe")
 subprocess.run(
     [str(script), "upcycle", str(work / "dense"), str(work / "moe"), "--num-experts", "4", "--verify"], check=True
@@ -60,7 +75,33 @@ result = subprocess.run(
     [sys.executable, "-c", loader, str(work / "moe")], env=env, capture_output=True, text=True, cwd=work
 )
 assert result.returncode == 0, result.stderr[-3000:]
-assert result.stdout.split() == ["SwitchMoeForCausalLM", "SwitchMoeModel", "128"], result.stdout
+assert result.stdout.split() == ["SwitchMoeForCausalLM", "SwitchMoeModel", str(len(tokenizer))], result.stdout
 config = json.loads((work / "moe" / "config.json").read_text())
 assert config["hf_moe_version"] == hf_moe.__version__
 print("remote-code load: ok")
+
+# 3. A short fine-tuning run of the causal-LM recipe, with its model card.
+flags = {
+    "model_name_or_path": work / "moe",
+    "train_file": work / "train.txt",
+    "validation_file": work / "validation.txt",
+    "output_dir": work / "finetuned",
+    "max_length": 16,
+    "per_device_train_batch_size": 4,
+    "per_device_eval_batch_size": 8,
+    "max_steps": 4,
+    "eval_strategy": "steps",
+    "eval_steps": 2,
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "report_to": "none",
+    "use_cpu": "true",
+    "train_eval_samples": 8,
+}
+command = [sys.executable, str(repo / "recipes" / "finetune_clm.py")]
+for name, value in flags.items():
+    command += [f"--{name}", str(value)]
+subprocess.run(command, check=True, cwd=work, env={**env, "OMP_NUM_THREADS": "1"})
+card = (work / "finetuned" / "README.md").read_text()
+assert "eval" in card.lower() and "hf_moe" in card, card[:500]
+print("recipe run with model card: ok")

@@ -8,12 +8,15 @@ training and validation by file.
 
 1. Train a byte-level BPE tokenizer and a small dense llama causal LM on the training files.
 2. Upcycle it on the fly into a ``switch_moe`` model and fine-tune it through the CLM recipe
-   (``recipes/finetune_clm.py`` under ``accelerate launch``, settings in
+   (``recipes/finetune_clm.py``, TRL's SFTTrainer, under ``accelerate launch``; settings in
    ``recipes/configs/demo_switch.yaml``): router z-loss, expert dropout 0.4, backbone dropout 0.1.
+   Then the dense control: the same recipe with ``--dense_control true`` fine-tunes the dense model
+   with the same data, schedule and evaluation (``--no_dense_control`` skips it).
    Every expert is a copy of the dense MLP and the top-2 gates are renormalised, so the
    upcycled model at step 0 computes the dense function (its validation perplexity equals the
    dense one); with top-1 renormalised gates the router would get no gradient from the task loss.
-3. Report validation perplexity: dense start, upcycled at step 0, after fine-tuning. The model,
+3. Report validation perplexity: dense start, upcycled at step 0, after fine-tuning, and the dense
+   control after the same fine-tuning, with tokens per second of both. The model,
    its card (with the expert-load and loss-curve plots) and TensorBoard logs are in the output folder.
 """
 
@@ -28,11 +31,8 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, get_scheduler
-
-from hf_moe.training import CausalLMConfig, load_train_and_validation, tokenize_for_causal_lm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, get_scheduler
 
 RECIPES = Path(__file__).resolve().parent
 
@@ -60,20 +60,21 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<eos>")
 
 
+def pack(texts: list[str], tokenizer, block_size: int) -> torch.Tensor:
+    """Every text, each followed by EOS, concatenated and cut into blocks (the recipe's "wrapped" packing):
+    (blocks, block_size)."""
+    ids = [i for text in texts for i in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]]
+    usable = len(ids) // block_size * block_size
+    return torch.tensor(ids[:usable]).view(-1, block_size)
+
+
 @torch.no_grad()
-def perplexity(model, loader) -> float:
+def perplexity(model, blocks: torch.Tensor, batch_size: int = 64) -> float:
     """exp(mean next-token NLL over every predicted token), as the recipe's evaluation computes it."""
     model.eval()
-    nll, tokens = 0.0, 0
-    for batch in loader:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"][:, 1:]
-        nll += torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="sum"
-        ).item()
-        tokens += (labels != -100).sum().item()
+    nll = sum(model(input_ids=b, labels=b).loss.item() * len(b) for b in blocks.split(batch_size))
     model.train()
-    return math.exp(nll / tokens)
+    return math.exp(nll / len(blocks))
 
 
 def main() -> None:
@@ -85,10 +86,16 @@ def main() -> None:
     parser.add_argument("--validation_chars", type=int, default=100_000)
     parser.add_argument("--hidden_size", type=int, default=128)
     parser.add_argument("--vocab_size", type=int, default=1024)
+    parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier demo run")
+    parser.add_argument(
+        "--no_dense_control", dest="dense_control", action="store_false", help="skip the dense control fine-tune"
+    )
     args = parser.parse_args()
     start = time.time()
     torch.manual_seed(0)
     output = Path(args.output_dir).resolve()
+    if (output / "demo_report.json").exists() and not args.overwrite:
+        raise SystemExit(f"{output} holds the results of an earlier demo run; pass --overwrite to replace them")
     (output / "data").mkdir(parents=True, exist_ok=True)
 
     # 1. Data: standard library sources, split by file.
@@ -104,17 +111,7 @@ def main() -> None:
 
     # 2. Tokenizer and dense model, trained briefly.
     tokenizer = train_tokenizer(train_texts, args.vocab_size)
-    settings = CausalLMConfig(
-        model_name_or_path="-",
-        output_dir="-",
-        train_file=str(output / "data" / "train.jsonl"),
-        validation_file=str(output / "data" / "validation.jsonl"),
-        block_size=64,
-    )
-    data = tokenize_for_causal_lm(load_train_and_validation(settings), tokenizer, settings)
-    collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
-    train_loader = DataLoader(data["train"], batch_size=32, shuffle=True, collate_fn=collate)
-    validation_loader = DataLoader(data["validation"], batch_size=64, collate_fn=collate)
+    train_blocks, validation_blocks = pack(train_texts, tokenizer, 64), pack(validation_texts, tokenizer, 64)
     dense_config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=args.hidden_size,
@@ -131,19 +128,20 @@ def main() -> None:
     dense = LlamaForCausalLM(dense_config)
     optimizer = torch.optim.AdamW(dense.parameters(), lr=3e-3, weight_decay=0.01)
     schedule = get_scheduler("cosine", optimizer, num_warmup_steps=10, num_training_steps=args.dense_steps)
+    generator = torch.Generator().manual_seed(0)
     batches = iter(())
     for _ in tqdm(range(args.dense_steps), desc="dense pre-training"):
         batch = next(batches, None)
         if batch is None:
-            batches = iter(train_loader)
+            batches = iter(train_blocks[torch.randperm(len(train_blocks), generator=generator)].split(32))
             batch = next(batches)
-        loss = dense(**batch).loss
+        loss = dense(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dense.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
-    dense_perplexity = perplexity(dense, validation_loader)
+    dense_perplexity = perplexity(dense, validation_blocks)
     dense_dir = output / "dense_lm"
     dense.save_pretrained(dense_dir)
     tokenizer.save_pretrained(dense_dir)
@@ -152,58 +150,88 @@ def main() -> None:
         f"validation perplexity {dense_perplexity:.3f}; saved in {dense_dir}"
     )
 
-    # 3. Upcycle and fine-tune through the recipe, launched the standard way.
-    finetuned_dir = output / "switch_finetuned"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(RECIPES / "accelerate" / "one_process.yaml"),
-        "--mixed_precision",
-        "no",
-        str(RECIPES / "finetune_clm.py"),
-        "--config",
-        str(RECIPES / "configs" / "demo_switch.yaml"),
-        "--model_name_or_path",
-        str(dense_dir),
-        "--train_file",
-        settings.train_file,
-        "--validation_file",
-        settings.validation_file,
-        "--max_steps",
-        str(args.finetune_steps),
-        "--output_dir",
-        str(finetuned_dir),
-    ]
-    print("Running:", " ".join(command))
-    subprocess.run(command, check=True)
+    # 3. Upcycle and fine-tune through the recipe, launched the standard way; then the dense control.
+    data_files = [output / "data" / "train.jsonl", output / "data" / "validation.jsonl"]
+    runs = {"switch": output / "switch_finetuned"}
+    if args.dense_control:
+        runs["dense"] = output / "dense_control"
+    for name, folder in runs.items():
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(RECIPES / "accelerate" / "one_process.yaml"),
+            "--mixed_precision",
+            "no",
+            str(RECIPES / "finetune_clm.py"),
+            "--config",
+            str(RECIPES / "configs" / "demo_switch.yaml"),
+            "--model_name_or_path",
+            str(dense_dir),
+            "--train_file",
+            str(data_files[0]),
+            "--validation_file",
+            str(data_files[1]),
+            "--max_steps",
+            str(args.finetune_steps),
+            "--logging_steps",  # at least two training logs (step time, tokens/s), however short the run
+            str(max(1, min(5, args.finetune_steps // 2))),
+            "--output_dir",
+            str(folder),
+            *(["--overwrite_output_dir", "true"] if args.overwrite else []),
+            *(["--dense_control", "true"] if name == "dense" else []),
+        ]
+        print("Running:", " ".join(command))
+        subprocess.run(command, check=True)
 
     # 4. Report.
-    with open(finetuned_dir / "evaluations.json") as f:
-        evaluations = json.load(f)
-    history = evaluations["evaluations"]
+    results = {}
+    for name, folder in runs.items():
+        with open(folder / "evaluations.json") as f:
+            evaluations = json.load(f)
+        with open(folder / "trainer_state.json") as f:
+            speeds = [row["tokens_per_second"] for row in json.load(f)["log_history"] if "tokens_per_second" in row]
+        results[name] = {"evaluations": evaluations, "tokens_per_second": sum(speeds) / max(len(speeds), 1)}
+    history = results["switch"]["evaluations"]["evaluations"]
     upcycled, final = history[0], history[-1]
     report = {
         "dense_validation_perplexity": dense_perplexity,
         "upcycled_step0_validation_perplexity": upcycled["validation"]["perplexity"],
         "finetuned_validation_perplexity": final["validation"]["perplexity"],
         "finetuned_step": final["step"],
-        "best_step": evaluations["best"]["step"],
+        "best_step": results["switch"]["evaluations"]["best"]["step"],
         "final_train_validation_gap": final["gap"],
-        "minutes": (time.time() - start) / 60,
+        "switch_tokens_per_second": results["switch"]["tokens_per_second"],
     }
+    if "dense" in results:
+        # The dense start as the recipe evaluates it (the dense control at step 0): the same blocks and weighting.
+        dense_history = results["dense"]["evaluations"]["evaluations"]
+        report["dense_validation_perplexity"] = dense_history[0]["validation"]["perplexity"]
+        dense_final = dense_history[-1]
+        report["dense_control_validation_perplexity"] = dense_final["validation"]["perplexity"]
+        report["dense_control_train_validation_gap"] = dense_final["gap"]
+        report["dense_control_tokens_per_second"] = results["dense"]["tokens_per_second"]
+    report["minutes"] = (time.time() - start) / 60
     with open(output / "demo_report.json", "w") as f:
         json.dump(report, f, indent=1)
     print("\nValidation perplexity (standard library held-out files):")
     print(f"  dense start                         {report['dense_validation_perplexity']:.3f}")
     print(f"  upcycled Switch MoE, step 0         {report['upcycled_step0_validation_perplexity']:.3f}")
-    print(f"  after fine-tuning, step {final['step']:<4}        {report['finetuned_validation_perplexity']:.3f}")
+    print(
+        f"  Switch MoE fine-tuned, step {final['step']:<4}    {report['finetuned_validation_perplexity']:.3f}"
+        f"   ({report['switch_tokens_per_second']:,.0f} tokens/s)"
+    )
+    if "dense" in results:
+        print(
+            f"  dense control, same fine-tuning     {report['dense_control_validation_perplexity']:.3f}"
+            f"   ({report['dense_control_tokens_per_second']:,.0f} tokens/s)"
+        )
     print(f"  best step {report['best_step']}; final train/validation gap {report['final_train_validation_gap']:+.4f}")
     print(f"Finished in {report['minutes']:.1f} minutes. Output folder: {output}")
     print(
-        f"  model card: {finetuned_dir / 'README.md'} (plots: expert_load.png, loss_curves.png); "
-        f"TensorBoard: tensorboard --logdir {finetuned_dir}"
+        f"  model card: {runs['switch'] / 'README.md'} (plots: expert_load.png, loss_curves.png); "
+        f"TensorBoard: tensorboard --logdir {runs['switch']}"
     )
 
 

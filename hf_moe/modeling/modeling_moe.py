@@ -296,6 +296,12 @@ class MoePreTrainedModel(PreTrainedModel):
     def set_output_embeddings(self, value):
         self.backbone.set_output_embeddings(value)
 
+    @property
+    def base_model(self) -> "MoeDecoder":
+        """The decoder without its head, as ``LlamaForCausalLM.base_model`` is the ``LlamaModel``
+        (TRL's fused LM head reads ``last_hidden_state`` from it); see `MoeDecoder`."""
+        return MoeDecoder(self)
+
     def moe_blocks(self) -> list[MoeBlock]:
         return [m for m in self.modules() if isinstance(m, MoeBlock)]
 
@@ -323,6 +329,7 @@ class MoePreTrainedModel(PreTrainedModel):
         output_routing_stats=None,
         return_dict=None,
         logits_to_keep=0,
+        hidden_states_only=False,
         **kwargs,
     ) -> ModelOutput | tuple:
         r"""Run the backbone (all its arguments pass through) and collect the routing of every MoE layer.
@@ -333,6 +340,13 @@ class MoePreTrainedModel(PreTrainedModel):
             reads them there, and they cost a few small operations per layer per token.
         logits_to_keep: passed to a causal-LM backbone (transformers' convention): ``n`` computes the
             logits of the last ``n`` positions only (generation's prefill asks for 1), 0 all of them.
+        hidden_states_only: run the dense decoder without its head and return ``last_hidden_state``
+            (what `base_model` calls); the routing is handled as in a full forward.
+
+        With ``num_items_in_batch`` (what `Trainer` passes under gradient accumulation: the label
+        count of every micro-batch of the step, so that the summed micro-batch task losses are one
+        mean), the router terms are weighted by this batch's share of those labels, so they too
+        enter each optimizer step once (a token-weighted mean when every token has a label).
         """
         token_mask = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
         blocks = self.moe_blocks()
@@ -340,9 +354,10 @@ class MoePreTrainedModel(PreTrainedModel):
             block.token_mask = token_mask
         if labels is not None:
             kwargs["labels"] = labels
-        if isinstance(logits_to_keep, torch.Tensor) or logits_to_keep:  # only heads with logits take it
-            kwargs["logits_to_keep"] = logits_to_keep
-        outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
+        module = self.backbone.base_model if hidden_states_only else self.backbone
+        if not hidden_states_only and (isinstance(logits_to_keep, torch.Tensor) or logits_to_keep):
+            kwargs["logits_to_keep"] = logits_to_keep  # only heads with logits take it
+        outputs = module(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
         records = [block.last_routing for block in blocks]
         for block in blocks:
             block.last_routing = None
@@ -358,9 +373,12 @@ class MoePreTrainedModel(PreTrainedModel):
         loss = outputs.get("loss")
         if loss is not None:
             loss = self._zero_without_targets(loss, labels, kwargs)
-            loss = loss + self.config.router_z_loss_coef * extras["z_loss"]
+            router_terms = self.config.router_z_loss_coef * extras["z_loss"]
             if extras["aux_loss"] is not None:
-                loss = loss + self.config.router_aux_loss_coef * extras["aux_loss"]
+                router_terms = router_terms + self.config.router_aux_loss_coef * extras["aux_loss"]
+            if kwargs.get("num_items_in_batch") is not None:
+                router_terms = router_terms * self._label_count(labels, kwargs) / kwargs["num_items_in_batch"]
+            loss = loss + router_terms
         output = moe_output_class(type(outputs))(**{**outputs, **extras})
         if loss is not None:
             output.loss = loss
@@ -369,15 +387,22 @@ class MoePreTrainedModel(PreTrainedModel):
     def _zero_without_targets(self, loss: torch.Tensor, labels: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """A batch without any target token (all padding, labels all -100) has a task loss of 0 rather
         than the NaN of a mean over nothing; its gradient is 0 either way. No host synchronisation."""
-        targets = kwargs.get("shift_labels")
-        if targets is None and labels is None:
-            return loss
-        if targets is None:
-            # Causal LM heads predict labels[:, 1:]; the first label is never a target.
-            targets = labels[..., 1:] if self.dense_auto_class is AutoModelForCausalLM else labels
-        if targets.is_floating_point():  # regression heads
+        targets = self._targets(labels, kwargs)
+        if targets is None or targets.is_floating_point():  # no labels, or a regression head
             return loss
         return torch.where((targets != -100).any(), loss, loss.new_zeros(()))
+
+    def _label_count(self, labels: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """How many labels the task loss averages over."""
+        return (self._targets(labels, kwargs) != -100).sum()
+
+    def _targets(self, labels: torch.Tensor | None, kwargs: dict) -> torch.Tensor | None:
+        """The labels the task loss averages over: a causal LM predicts labels[:, 1:] (the first label
+        is never a target), unless the caller shifted them itself (``shift_labels``)."""
+        targets = kwargs.get("shift_labels")
+        if targets is None and labels is not None:
+            targets = labels[..., 1:] if self.dense_auto_class is AutoModelForCausalLM else labels
+        return targets
 
     def _routing_outputs(self, records: list[RoutingRecord], token_mask: torch.Tensor | None) -> dict:
         """Router losses (means over MoE layers) and per-layer statistics over non-padding tokens."""
@@ -438,6 +463,26 @@ def _check_moe_weights(model: MoePreTrainedModel, info: dict) -> None:
         "The checkpoint's config does not match its weights: " + "; ".join(problems) + ". Loading would "
         "initialise those MoE layers randomly; fix config.json (moe_layers, num_experts) to describe the weights"
     )
+
+
+class MoeDecoder:
+    """``model.base_model`` of an hf_moe model: the decoder without the head.
+
+    Calling it runs the model's forward up to the last hidden state (``hidden_states_only``), with
+    the routing handled as in a full forward (padding mask, Expert-Choice thresholds, router losses
+    and statistics in the output); any other attribute is the dense decoder's (``_tp_plan``,
+    ``get_decoder``, embeddings). A view, not a module: it owns no parameters.
+    """
+
+    def __init__(self, model: "MoePreTrainedModel"):
+        self.__dict__["model"] = model
+
+    def __call__(self, *args, **kwargs) -> MoeModelOutput:
+        # The class's forward, not the instance's: trainers may patch ``model.forward`` (TRL's fused LM head).
+        return type(self.model).forward(self.model, *args, hidden_states_only=True, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.model.backbone.base_model, name)
 
 
 class MoeGenerationMixin(GenerationMixin):

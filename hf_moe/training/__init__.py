@@ -1,42 +1,55 @@
-"""Shared pieces of the fine-tuning recipes in ``recipes/``: strict settings, data, model loading,
-parameter selection, routing health and the output folder (model, card, Hub upload)."""
+"""Fine-tuning hf_moe models with transformers' `Trainer` and TRL's `SFTTrainer`: the MoE callback,
+the SFT trainer that keeps the router terms, and the pieces the recipes in ``recipes/`` share
+(options, data, model loading, parameter selection, output folder, model card, Hub upload)."""
 
-from .config import CausalLMConfig, ClassificationConfig, FinetuneConfig, LoraOptions, UpcycleOptions, parse_recipe_args
-from .data import (
-    check_columns,
-    label_names,
-    load_train_and_validation,
-    tokenize_for_causal_lm,
-    tokenize_for_classification,
+from .arguments import ClassificationDataArguments, DataArguments, MoeArguments
+from .callback import MoeCallback
+from .data import check_columns, label_names, load_train_and_validation, to_sft_columns, tokenize_for_classification
+from .model_loading import check_process_group, fit_length_to_positions, load_model_for_finetuning
+from .outputs import (
+    CompleteCheckpoints,
+    check_checkpoint,
+    check_output_dir,
+    evaluation_sets,
+    finish_run,
+    prepare_run,
+    resolve_checkpoint,
 )
-from .model_loading import check_process_group, load_model_for_finetuning
 from .publish import push_folder_to_hub, save_model_folder, write_model_card
-from .routing_health import RoutingHealth, flatten_routing_summary, format_routing_summary, plot_expert_load
+from .routing_health import load_balance, plot_expert_load
 from .trainable import classifier_head_names, moe_parameter_names, router_parameter_names, select_trainable_parameters
+from .trainers import MoeSFTConfig, MoeSFTTrainer, is_moe_model
 
 __all__ = [
-    "CausalLMConfig",
-    "ClassificationConfig",
-    "FinetuneConfig",
-    "LoraOptions",
-    "RoutingHealth",
-    "UpcycleOptions",
+    "ClassificationDataArguments",
+    "CompleteCheckpoints",
+    "DataArguments",
+    "MoeArguments",
+    "MoeCallback",
+    "MoeSFTConfig",
+    "MoeSFTTrainer",
+    "check_checkpoint",
     "check_columns",
+    "check_output_dir",
     "check_process_group",
     "classifier_head_names",
-    "flatten_routing_summary",
-    "format_routing_summary",
+    "evaluation_sets",
+    "finish_run",
+    "fit_length_to_positions",
+    "is_moe_model",
     "label_names",
+    "load_balance",
     "load_model_for_finetuning",
     "load_train_and_validation",
     "moe_parameter_names",
-    "parse_recipe_args",
     "plot_expert_load",
+    "prepare_run",
     "push_folder_to_hub",
+    "resolve_checkpoint",
     "router_parameter_names",
     "save_model_folder",
     "select_trainable_parameters",
-    "tokenize_for_causal_lm",
+    "to_sft_columns",
     "tokenize_for_classification",
     "write_model_card",
 ]

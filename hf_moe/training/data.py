@@ -1,20 +1,20 @@
 """Data for the recipes through ``datasets.load_dataset``: local files or Hub names, a validation
-split taken from the training data when none is given, tokenisation and packing."""
+split taken from the training data when none is given, the columns TRL expects, classification
+tokenisation."""
 
 import os
-from itertools import chain
 
 from datasets import DatasetDict, load_dataset
 
-from .config import DATA_FILE_BUILDERS
+from .arguments import DATA_FILE_BUILDERS
 
 
-def load_train_and_validation(config) -> DatasetDict:
-    """``{"train", "validation"}`` from ``config`` (a FinetuneConfig).
+def load_train_and_validation(config, seed: int = 42) -> DatasetDict:
+    """``{"train", "validation"}`` from ``config`` (a `DataArguments`).
 
     Local files pick their builder from the extension (json/jsonl/csv/text/parquet). Without a
     validation file or split, ``validation_split_percentage`` of the training data is held out
-    (seeded with ``config.seed``).
+    (seeded with ``seed``). An empty training or validation set is an error naming its source.
     """
     if config.train_file is not None:
         builder = DATA_FILE_BUILDERS[os.path.splitext(config.train_file)[1]]
@@ -27,6 +27,8 @@ def load_train_and_validation(config) -> DatasetDict:
                     f"({config.train_file!r}) and {other!r} ({config.validation_file!r})"
                 )
             files["validation"] = config.validation_file
+        for split, path in files.items():
+            _check_file_not_empty(path, f"{split if split == 'validation' else 'train'}_file", builder)
         raw = load_dataset(builder, data_files=files)
         train_split = "train"
     else:
@@ -38,9 +40,8 @@ def load_train_and_validation(config) -> DatasetDict:
     if config.validation_split is not None and config.validation_split not in raw:
         raise ValueError(f"validation_split {config.validation_split!r} not found; splits: {list(raw)}")
     if validation_split is None:
-        held_out = raw[train_split].train_test_split(
-            test_size=config.validation_split_percentage / 100, seed=config.seed
-        )
+        _check_not_empty(raw[train_split], "train", config)
+        held_out = raw[train_split].train_test_split(test_size=config.validation_split_percentage / 100, seed=seed)
         data = DatasetDict(train=held_out["train"], validation=held_out["test"])
     else:
         data = DatasetDict(train=raw[train_split], validation=raw[validation_split])
@@ -48,7 +49,45 @@ def load_train_and_validation(config) -> DatasetDict:
         data["train"] = data["train"].select(range(min(config.max_train_samples, len(data["train"]))))
     if config.max_eval_samples is not None:
         data["validation"] = data["validation"].select(range(min(config.max_eval_samples, len(data["validation"]))))
+    for split, dataset in data.items():
+        _check_not_empty(dataset, split, config)
     return data
+
+
+def _check_file_not_empty(path: str, name: str, builder: str) -> None:
+    """A local data file without a single example (only a CSV header counts as empty too)."""
+    if builder == "parquet":
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [line for line in f if line.strip()]
+    if len(lines) <= (1 if builder == "csv" else 0):
+        split = "validation" if name == "validation_file" else "train"
+        raise ValueError(f"the {split} data is empty: {name} {path!r} holds no examples")
+
+
+def _check_not_empty(dataset, split: str, config) -> None:
+    if len(dataset) > 0:
+        return
+    source = {"train": config.train_file, "validation": config.validation_file}.get(split)
+    if source is None:
+        name = "train_split" if split == "train" else "validation_split"
+        source = f"{config.dataset_name!r} ({name} {getattr(config, name) or split!r})"
+    else:
+        source = f"{'train_file' if split == 'train' else 'validation_file'} {source!r}"
+    raise ValueError(f"the {split} data is empty: {source} holds no examples")
+
+
+def to_sft_columns(data: DatasetDict, config) -> DatasetDict:
+    """The columns TRL's SFTTrainer reads: ``text`` (language modelling), or ``prompt`` and ``completion``
+    (instruction data, loss on the completion only); other columns are dropped."""
+    if config.prompt_column is not None:
+        check_columns(data, prompt_column=config.prompt_column, response_column=config.response_column)
+        columns = {config.prompt_column: "prompt", config.response_column: "completion"}
+    else:
+        check_columns(data, text_column=config.text_column)
+        columns = {config.text_column: "text"}
+    data = data.select_columns(list(columns))
+    return data.rename_columns({k: v for k, v in columns.items() if k != v})
 
 
 def check_columns(data: DatasetDict, **columns: str | None) -> None:
@@ -59,58 +98,6 @@ def check_columns(data: DatasetDict, **columns: str | None) -> None:
                 raise ValueError(
                     f"{key} {column!r} not found in the {split} data; its columns are {dataset.column_names}"
                 )
-
-
-def tokenize_for_causal_lm(data: DatasetDict, tokenizer, config) -> DatasetDict:
-    """input_ids and labels for causal LM training.
-
-    Text data: labels = input_ids. Instruction data (``prompt_column`` + ``response_column``):
-    prompt tokens get label -100, so the loss is on the response only. Each example ends with EOS.
-    ``packing``: concatenate everything and cut it into ``block_size`` chunks (no padding);
-    otherwise truncate each example to ``block_size`` (the collator pads).
-    """
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-
-    def tokenize(batch):
-        if config.prompt_column is not None:
-            prompts = tokenizer(batch[config.prompt_column], add_special_tokens=False)["input_ids"]
-            responses = tokenizer(batch[config.response_column], add_special_tokens=False)["input_ids"]
-            input_ids = [p + r + eos for p, r in zip(prompts, responses, strict=True)]
-            labels = [[-100] * len(p) + r + eos for p, r in zip(prompts, responses, strict=True)]
-        else:
-            input_ids = [
-                ids + eos for ids in tokenizer(batch[config.text_column], add_special_tokens=False)["input_ids"]
-            ]
-            labels = [list(ids) for ids in input_ids]
-        return {"input_ids": input_ids, "labels": labels}
-
-    columns = data["train"].column_names
-    tokenized = data.map(tokenize, batched=True, remove_columns=columns, desc="Tokenizing")
-    block = config.block_size
-
-    def pack(batch):
-        # Concatenate the batch's examples and cut into block_size chunks; the remainder is dropped.
-        ids = list(chain.from_iterable(batch["input_ids"]))
-        labels = list(chain.from_iterable(batch["labels"]))
-        usable = len(ids) // block * block
-        return {
-            "input_ids": [ids[i : i + block] for i in range(0, usable, block)],
-            "labels": [labels[i : i + block] for i in range(0, usable, block)],
-        }
-
-    def truncate(batch):
-        return {key: [seq[:block] for seq in batch[key]] for key in ("input_ids", "labels")}
-
-    if config.packing:
-        tokenized = tokenized.map(pack, batched=True, batch_size=1000, desc=f"Packing into blocks of {block}")
-    else:
-        tokenized = tokenized.map(truncate, batched=True, desc=f"Truncating to {block}")
-    for split, dataset in tokenized.items():
-        if len(dataset) == 0:
-            raise ValueError(
-                f"the {split} data holds fewer than block_size={block} tokens; lower block_size or add data"
-            )
-    return tokenized
 
 
 def label_names(data: DatasetDict, label_column: str) -> list[str]:

@@ -3,6 +3,9 @@ with the recipe's MoE and dropout options applied to the config before the modul
 
 import torch
 from transformers import AutoConfig
+from transformers.utils import logging
+
+logger = logging.get_logger("hf_moe.training")
 
 MOE_MODEL_TYPES = ("switch_moe", "expert_choice_moe")
 # MoE options of a recipe config that are fields of the MoE model config.
@@ -31,7 +34,12 @@ BACKBONE_DROPOUT_FIELDS = (
 def requested_moe_options(config) -> dict:
     """The MoE config fields a recipe sets; None = keep the checkpoint's; capacity "dropless" = None."""
     options = {name: getattr(config, name) for name in MOE_OPTIONS if getattr(config, name) is not None}
-    return {name: None if value == "dropless" else value for name, value in options.items()}
+    # Capacity factors arrive as strings from the parser: a number, or "dropless" (None on the model).
+    capacity = ("capacity_factor", "eval_capacity_factor")
+    return {
+        name: None if value == "dropless" else float(value) if name in capacity else value
+        for name, value in options.items()
+    }
 
 
 def set_backbone_dropout(dense_config, rate: float) -> list[str]:
@@ -48,12 +56,13 @@ def set_backbone_dropout(dense_config, rate: float) -> list[str]:
 
 
 def load_model_for_finetuning(config, auto_class, **head_fields):
-    """Build the MoE model of ``auto_class``'s head from ``config.model_name_or_path``.
+    """Build the model of ``auto_class``'s head from ``config.model_name_or_path`` (a `MoeArguments`).
 
-    ``head_fields`` (e.g. num_labels, id2label, label2id, pad_token_id) go on the dense config
-    that builds the head. The MoE options are set on the MoE config before construction, so
-    capacity factors and expert dropout reach the modules. Weights load in float32; mixed
-    precision comes from accelerate's autocast.
+    An hf_moe checkpoint, or a dense one upcycled on the fly (``upcycle_routing``); with
+    ``dense_control`` the dense model itself, with the same dropout. ``head_fields`` (num_labels,
+    id2label, label2id, pad_token_id) go on the config that builds the head. The MoE options are set
+    on the MoE config before construction, so capacity factors and expert dropout reach the modules.
+    Weights load in float32; mixed precision is the trainer's.
     """
     source = AutoConfig.from_pretrained(config.model_name_or_path)
     is_moe = source.model_type in MOE_MODEL_TYPES
@@ -67,10 +76,10 @@ def load_model_for_finetuning(config, auto_class, **head_fields):
     options = requested_moe_options(config)
 
     if is_moe:
-        if config.upcycle is not None:
+        if config.upcycle_routing is not None:
             raise ValueError(
-                f"upcycle is set but model_name_or_path {config.model_name_or_path!r} is already an MoE model "
-                f"({source.model_type!r}); remove the upcycle section"
+                f"upcycle_routing is set but model_name_or_path {config.model_name_or_path!r} is already an MoE "
+                f"model ({source.model_type!r}); remove upcycle_routing"
             )
         unknown = [name for name in options if not hasattr(source, name)]
         if unknown:
@@ -81,30 +90,52 @@ def load_model_for_finetuning(config, auto_class, **head_fields):
         source = type(source).from_dict({**source.to_dict(), **options})
         return auto_class.from_pretrained(config.model_name_or_path, config=source, dtype=torch.float32)
 
-    if config.upcycle is None:
+    if config.upcycle_routing is None:
         raise ValueError(
             f"model_name_or_path {config.model_name_or_path!r} is a dense {source.model_type!r} checkpoint: "
-            "add an `upcycle` section (routing, num_experts, moe_layers, expert_init, ...) to upcycle it on the fly"
+            "set upcycle_routing (and upcycle_num_experts, upcycle_moe_layers, ...) to upcycle it on the fly"
         )
     from hf_moe.upcycling import upcycle_model
 
     dense = auto_class.from_pretrained(config.model_name_or_path, config=dense_config, dtype=torch.float32)
-    up = config.upcycle
+    if config.dense_control:
+        return dense
     overrides = dict(options)
     for name in ("num_experts_per_tok", "norm_topk_prob", "noise_std"):
-        if getattr(up, name) is not None:
-            overrides[name] = getattr(up, name)
+        value = getattr(config, f"upcycle_{name}")
+        if value is not None:
+            overrides[name] = value
     # The upcycler rejects settings the chosen routing does not have, naming them.
     return upcycle_model(
         dense,
-        routing=up.routing,
-        num_experts=up.num_experts,
-        moe_layers=up.moe_layers,
-        expert_init=up.expert_init,
-        drop_ratio=up.drop_ratio,
-        seed=up.seed,
+        routing=config.upcycle_routing,
+        num_experts=config.upcycle_num_experts,
+        moe_layers=config.moe_layers(),
+        expert_init=config.upcycle_expert_init,
+        drop_ratio=config.upcycle_drop_ratio,
+        seed=config.upcycle_seed,
         **overrides,
     )
+
+
+def position_limit(model) -> tuple[str, int] | None:
+    """(field name, value) of the model's position limit (``max_position_embeddings`` / ``n_positions``)."""
+    config = getattr(model.config, "text_config", None) or model.config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return getattr(config, "attribute_map", {}).get(name, name), value  # GPT-2 stores n_positions
+    return None
+
+
+def fit_length_to_positions(model, length: int | None, flag: str) -> int | None:
+    """``length`` capped at the model's position limit, with a warning naming both when it is lowered."""
+    limit = position_limit(model)
+    if limit is None or (length is not None and length <= limit[1]):
+        return length
+    name, value = limit
+    logger.warning(f"{flag} {length} exceeds the model's {name} ({value}): sequences are truncated to {value} tokens")
+    return value
 
 
 def check_process_group(accelerator) -> None:

@@ -9,20 +9,20 @@ from huggingface_hub import EvalResult, HfApi, ModelCardData
 
 from hf_moe.cards import format_count, render_model_card
 
-from .config import config_to_dict
-from .routing_health import plot_expert_load
+from .callback import EXPERT_LOAD_PLOT, LOSS_CURVES_PLOT
 
-EXPERT_LOAD_PLOT = "expert_load.png"
-LOSS_CURVES_PLOT = "loss_curves.png"
 SETTINGS_FILE = "finetune_config.yaml"
 HISTORY_FILE = "evaluations.json"
 
 
-def save_model_folder(accelerator, model, tokenizer, config, output_dir: str, base_on_disk: bool = True) -> dict:
+def save_model_folder(
+    accelerator, model, tokenizer, config, output_dir: str, settings: dict, base_on_disk: bool = True
+) -> dict:
     """Save what ``AutoModelFor...from_pretrained(output_dir)`` loads; returns what was saved
     (``kind``: "model" or "adapter", ``base_model_folder``, ``model``: the MoE model, for the card).
 
-    Full fine-tuning: the model. LoRA: the adapter (``lora.merge`` saves the merged model
+    ``config``: the `MoeArguments`; ``settings``: every resolved option, saved as ``finetune_config.yaml``.
+    Full fine-tuning: the model. LoRA: the adapter (``lora_merge`` saves the merged model
     instead). An adapter needs its MoE base on disk: when the base was upcycled on the fly, or
     its config changed (``base_on_disk=False``, e.g. a new classification head and its labels),
     the frozen base is saved under ``output_dir/base_model`` and the adapter points there.
@@ -31,7 +31,7 @@ def save_model_folder(accelerator, model, tokenizer, config, output_dir: str, ba
     state_dict = accelerator.get_state_dict(model)
     saved = {"kind": "model", "base_model_folder": None, "model": unwrapped}
     if config.train_parameters == "lora":
-        if config.lora.merge:
+        if config.lora_merge:
             unwrapped = unwrapped.merge_and_unload()
             state_dict = None
             saved["model"] = unwrapped
@@ -40,7 +40,7 @@ def save_model_folder(accelerator, model, tokenizer, config, output_dir: str, ba
             saved["model"] = unwrapped.get_base_model()
     if accelerator.is_main_process:
         os.makedirs(output_dir, exist_ok=True)
-        if saved["kind"] == "adapter" and (config.upcycle is not None or not base_on_disk):
+        if saved["kind"] == "adapter" and (config.upcycle_routing is not None or not base_on_disk):
             base_folder = os.path.abspath(os.path.join(output_dir, "base_model"))
             unwrapped.peft_config["default"].base_model_name_or_path = base_folder
             saved["model"].config.save_pretrained(base_folder)  # PEFT reads the base config while saving
@@ -52,8 +52,9 @@ def save_model_folder(accelerator, model, tokenizer, config, output_dir: str, ba
         else:
             unwrapped.save_pretrained(output_dir, state_dict=state_dict)
         tokenizer.save_pretrained(output_dir)
+        # Written last: its presence marks a finished run (output folders holding one are not overwritten).
         with open(os.path.join(output_dir, SETTINGS_FILE), "w") as f:
-            yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
+            yaml.safe_dump(settings, f, sort_keys=False)
     accelerator.wait_for_everyone()
     return saved
 
@@ -90,31 +91,10 @@ def moe_architecture_rows(model) -> list[tuple[str, str]]:
     return rows
 
 
-def plot_loss_curves(history: list[dict], path: str) -> str:
-    """Train-subset and validation loss at each evaluation (both in evaluation mode), as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [row["step"] for row in history]
-    figure, axes = plt.subplots(figsize=(5, 3.2))
-    axes.plot(steps, [row["train"]["loss"] for row in history], marker="o", label="train (subset, eval mode)")
-    axes.plot(steps, [row["validation"]["loss"] for row in history], marker="o", label="validation")
-    axes.set_xlabel("optimizer step")
-    axes.set_ylabel("loss")
-    axes.legend()
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
-
-
 def write_model_card(
     output_dir: str,
     *,
-    config,
+    settings: dict,
     model,
     task: str,
     auto_class: str,
@@ -125,16 +105,14 @@ def write_model_card(
     saved: dict,
     metric_names: list[str],
 ) -> str:
-    """Render ``card_templates/finetuned.md`` into ``output_dir/README.md``, with the expert-load and
-    loss-curve plots and the evaluation history (``evaluations.json``) next to it."""
-    plot_expert_load(routing, os.path.join(output_dir, EXPERT_LOAD_PLOT), title="Expert load on the validation data")
-    plot_loss_curves(history, os.path.join(output_dir, LOSS_CURVES_PLOT))
+    """Render ``card_templates/finetuned.md`` into ``output_dir/README.md`` (the plots are `MoeCallback`'s),
+    with the evaluation history (``evaluations.json``) next to it. ``settings``: the resolved options."""
     with open(os.path.join(output_dir, HISTORY_FILE), "w") as f:
         json.dump({"evaluations": history, "best": best, "routing": routing}, f, indent=1)
     final = history[-1]
-    model_name = config.hub_model_id or os.path.basename(os.path.abspath(output_dir))
+    model_name = settings.get("hub_model_id") or os.path.basename(os.path.abspath(output_dir))
     task_type = "text-generation" if task == "causal-lm" else "text-classification"
-    dataset_type = config.dataset_name or "local files"
+    dataset_type = settings.get("dataset_name") or "local files"
     eval_results = [
         EvalResult(
             task_type=task_type,
@@ -148,8 +126,8 @@ def write_model_card(
         for name in metric_names
     ]
     card_data = ModelCardData(
-        base_model=config.model_name_or_path,
-        datasets=[config.dataset_name] if config.dataset_name else None,
+        base_model=settings["model_name_or_path"],
+        datasets=[settings["dataset_name"]] if settings.get("dataset_name") else None,
         tags=["hf_moe", "moe", "mixture-of-experts", model.config.model_type, "fine-tuned"]
         + (["peft", "lora"] if saved["kind"] == "adapter" else []),
         library_name="peft" if saved["kind"] == "adapter" else "transformers",
@@ -157,7 +135,7 @@ def write_model_card(
         model_name=model_name,
         eval_results=eval_results,
     )
-    settings = config_to_dict(config)
+    upcycle = {k[len("upcycle_") :]: v for k, v in settings.items() if k.startswith("upcycle_")}
     hyperparameters = [
         (k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
         for k, v in settings.items()
@@ -173,8 +151,8 @@ def write_model_card(
         "finetuned",
         card_data=card_data,
         model_name=model_name,
-        base_model=config.model_name_or_path,
-        upcycle=settings["upcycle"],
+        base_model=settings["model_name_or_path"],
+        upcycle=upcycle if upcycle.get("routing") else None,
         dataset=dataset,
         task=task,
         auto_class=auto_class,

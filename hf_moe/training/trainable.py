@@ -33,7 +33,7 @@ def select_trainable_parameters(model: nn.Module, config, head_names: tuple[str,
     """
     choice = config.train_parameters
     if choice == "lora":
-        return _add_lora(model, config.lora, head_names)
+        return _add_lora(model, config, head_names)
     moe_names = moe_parameter_names(model)
     if not moe_names:
         raise ValueError(f"train_parameters {choice!r}: the model has no MoE block")
@@ -47,28 +47,31 @@ def select_trainable_parameters(model: nn.Module, config, head_names: tuple[str,
     return model
 
 
-def _add_lora(model: nn.Module, lora, head_names: tuple[str, ...]):
+def _add_lora(model: nn.Module, config, head_names: tuple[str, ...]):
     from peft import LoraConfig, get_peft_model
 
     module_names = [name for name, _ in model.named_modules()]
     parameter_names = [name for name, _ in model.named_parameters()]
-    unmatched_modules = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in module_names)]
+    targets = {"target_modules": config.lora_target_modules, "target_parameters": config.lora_target_parameters}
+    unmatched_modules = [
+        t for t in targets["target_modules"] if not any(n == t or n.endswith("." + t) for n in module_names)
+    ]
     unmatched_parameters = [
-        t for t in lora.target_parameters if not any(n == t or n.endswith("." + t) for n in parameter_names)
+        t for t in targets["target_parameters"] if not any(n == t or n.endswith("." + t) for n in parameter_names)
     ]
     if unmatched_modules or unmatched_parameters:
         module_suffixes = sorted({n.rpartition(".")[2] for n in module_names if n})[:20]
         raise ValueError(
-            f"LoRA targets match nothing in the model: lora.target_modules {unmatched_modules}, "
-            f"lora.target_parameters {unmatched_parameters}. Module names end like {module_suffixes}; "
+            f"LoRA targets match nothing in the model: lora_target_modules {unmatched_modules}, "
+            f"lora_target_parameters {unmatched_parameters}. Module names end like {module_suffixes}; "
             f"parameters like {[n for n in parameter_names if 'experts' in n][:4]}"
         )
     lora_config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules) or None,
-        target_parameters=list(lora.target_parameters) or None,
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(targets["target_modules"]) or None,
+        target_parameters=list(targets["target_parameters"]) or None,
         modules_to_save=[n for n in head_names if any(m.endswith("." + n) for m in module_names)] or None,
     )
     return get_peft_model(model, lora_config)

@@ -117,15 +117,23 @@ def clm_settings(assets: dict, output_dir, **overrides) -> dict:
         "model_name_or_path": assets["switch"],
         "train_file": str(assets["root"] / "train.txt"),
         "validation_file": str(assets["root"] / "validation.txt"),
-        "block_size": 16,
+        "max_length": 16,
+        "packing": True,
+        "packing_strategy": "wrapped",
         "per_device_train_batch_size": 4,
         "per_device_eval_batch_size": 8,
         "learning_rate": 3e-3,
         "max_steps": 8,
+        "eval_strategy": "steps",
         "eval_steps": 4,
+        "eval_on_start": True,
         "train_eval_samples": 16,
         "logging_steps": 1,
-        "report_to": ["none"],
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "use_cpu": True,
+        "bf16": False,
         "seed": 0,
         "output_dir": str(output_dir),
     }
@@ -144,10 +152,17 @@ def classification_settings(assets: dict, output_dir, **overrides) -> dict:
         "per_device_eval_batch_size": 16,
         "learning_rate": 3e-3,
         "max_steps": 8,
+        "eval_strategy": "steps",
         "eval_steps": 4,
+        "eval_on_start": True,
         "train_eval_samples": 32,
+        "metric_for_best_model": "eval_validation_accuracy",
         "logging_steps": 1,
-        "report_to": ["none"],
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "use_cpu": True,
+        "bf16": False,
         "seed": 0,
         "output_dir": str(output_dir),
     }
@@ -207,13 +222,14 @@ def launch_recipe(
 
 
 def read_metrics(output_dir) -> list[dict]:
-    with open(Path(output_dir) / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
+    """Trainer's log history (with `MoeCallback`'s values), saved as trainer_state.json."""
+    with open(Path(output_dir) / "trainer_state.json") as f:
+        return json.load(f)["log_history"]
 
 
 def train_records(output_dir) -> list[dict]:
-    return [r for r in read_metrics(output_dir) if "train/loss" in r]
+    return [r for r in read_metrics(output_dir) if "loss" in r]
 
 
 def eval_records(output_dir) -> list[dict]:
-    return [r for r in read_metrics(output_dir) if "eval/loss" in r]
+    return [r for r in read_metrics(output_dir) if "eval_validation_task_loss" in r]

@@ -1,193 +1,164 @@
-"""Recipe settings: strict parsing, conversions, overrides, and bad configs failing at start with a clear message."""
+"""Recipe options: YAML plus flags through TrlParser, strict keys, every bad value reported at start."""
 
+import logging
 from pathlib import Path
 
 import pytest
-import yaml
 from recipe_helpers import REPO, classification_settings, clm_settings, run_recipe, write_settings
+from trl import TrlParser
 
-from hf_moe.training import CausalLMConfig, ClassificationConfig, parse_recipe_args
+import hf_moe
+from hf_moe.training import ClassificationDataArguments, DataArguments, MoeArguments, MoeSFTConfig
 
 SHIPPED = sorted((REPO / "recipes" / "configs").glob("*.yaml"))
+CLM = (MoeArguments, DataArguments, MoeSFTConfig)
 
 
-def test_yaml_and_flags_convert_to_field_types(tmp_path):
+def parse(classes, argv):
+    return TrlParser(classes).parse_args_and_config(argv)
+
+
+def test_yaml_and_flags_fill_the_three_dataclasses(tmp_path):
     path = write_settings(
         tmp_path / "c.yaml",
-        {
-            "model_name_or_path": "m",
-            "output_dir": "o",
-            "dataset_name": "d",
-            "learning_rate": "1e-4",
-            "lora": {"r": 4, "target_modules": ["q_proj"]},
-            "train_parameters": "lora",
-        },
+        {"model_name_or_path": "m", "output_dir": "o", "dataset_name": "d", "learning_rate": 1e-4, "lora_r": 4},
     )
-    config = parse_recipe_args(
-        CausalLMConfig,
-        [
-            "--config",
-            path,
-            "--max_steps",
-            "7",
-            "--packing=false",
-            "--lora.r",
-            "16",
-            "--lora.target_parameters",
-            "mlp.experts.down_proj.weight",
-            "--capacity_factor",
-            "null",
-            "--report_to",
-            "[tensorboard]",
-        ],
-    )
-    assert config.learning_rate == 1e-4 and isinstance(config.learning_rate, float)
-    assert config.max_steps == 7 and config.packing is False
-    assert config.lora.r == 16 and config.lora.target_modules == ["q_proj"]
-    assert config.lora.target_parameters == ["mlp.experts.down_proj.weight"]
-    assert config.capacity_factor is None and config.report_to == ["tensorboard"]
+    flags = ["--max_steps", "7", "--packing", "false", "--lora_target_parameters", "mlp.experts.down_proj.weight"]
+    flags += ["--train_parameters", "lora", "--capacity_factor", "dropless", "--upcycle_moe_layers", "1,3"]
+    moe, data, training = parse(CLM, ["--config", path, *flags])
+    assert training.learning_rate == 1e-4 and training.max_steps == 7 and training.packing is False
+    assert moe.lora_r == 4 and moe.lora_target_parameters == ["mlp.experts.down_proj.weight"]
+    assert moe.capacity_factor == "dropless" and moe.moe_layers() == [1, 3] and data.dataset_name == "d"
 
 
-def test_unknown_yaml_key_is_an_error(tmp_path):
-    path = write_settings(
-        tmp_path / "c.yaml", {"model_name_or_path": "m", "output_dir": "o", "dataset_name": "d", "learning_rat": 1e-3}
-    )
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['learning_rat'\]"):
-        parse_recipe_args(CausalLMConfig, ["--config", path])
+def test_unknown_yaml_key_and_flag_are_errors(tmp_path):
+    path = write_settings(tmp_path / "c.yaml", {"model_name_or_path": "m", "dataset_name": "d", "learning_rat": 1e-3})
+    with pytest.raises(ValueError, match=r"Unknown arguments from config file: \['--learning_rat'"):
+        parse(CLM, ["--config", path])
+    path = write_settings(tmp_path / "d.yaml", {"model_name_or_path": "m", "dataset_name": "d"})
+    with pytest.raises(ValueError, match=r"not used by the HfArgumentParser: \['--block_size', '8'\]"):
+        parse(CLM, ["--config", path, "--block_size", "8"])
+    # TRL's own Mixtral-style coefficient is not a flag of the recipe: ours is MoeArguments'.
+    moe, _, training = parse(CLM, ["--config", path, "--router_aux_loss_coef", "0.1"])
+    assert moe.router_aux_loss_coef == 0.1 and training.router_aux_loss_coef is None
 
 
-def test_unknown_flag_and_nested_key_are_errors(tmp_path):
-    path = write_settings(tmp_path / "c.yaml", {"model_name_or_path": "m", "output_dir": "o", "dataset_name": "d"})
-    with pytest.raises(
-        ValueError, match=r"unknown key\(s\) \['block_sise'\] for CausalLMConfig; did you mean 'block_size'\?"
+def test_bad_values_are_reported_together():
+    with pytest.raises(ValueError) as error:
+        MoeArguments(
+            model_name_or_path="m",
+            train_parameters="experts",
+            expert_dropout=1.5,
+            capacity_factor="lots",
+            router_z_loss_coef=-1.0,
+            upcycle_routing="hash",
+        )
+    message = str(error.value)
+    for expected in (
+        "train_parameters must be one of ['all', 'non_moe', 'routers', 'lora'], got 'experts'",
+        "expert_dropout must be in [0, 1), got 1.5",
+        "capacity_factor must be a number > 0 or 'dropless' (unset keeps the checkpoint's), got 'lots'",
+        "router_z_loss_coef must be >= 0, got -1.0",
+        "upcycle_routing must be one of ['switch', 'expert_choice'], got 'hash'",
     ):
-        parse_recipe_args(CausalLMConfig, ["--config", path, "--block_sise", "8"])
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['upcycle.num_expert'\]"):
-        parse_recipe_args(CausalLMConfig, ["--config", path, "--upcycle.num_expert", "8"])
-    # A causal-LM key is unknown to the classification recipe.
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['block_size'\] for ClassificationConfig"):
-        parse_recipe_args(ClassificationConfig, ["--config", path, "--block_size", "8"])
+        assert expected in message
+    with pytest.raises(ValueError, match="train_parameters 'lora' needs lora_target_modules"):
+        MoeArguments(model_name_or_path="m", train_parameters="lora")
+    with pytest.raises(ValueError, match="prompt_column and response_column go together"):
+        DataArguments(dataset_name="d", prompt_column="p")
+    with pytest.raises(ValueError, match="max_length must be >= 2, got 1"):
+        ClassificationDataArguments(dataset_name="d", max_length=1)
 
 
-def test_bad_values_are_reported_together(tmp_path):
-    path = write_settings(tmp_path / "c.yaml", {"model_name_or_path": "m", "output_dir": "o", "dataset_name": "d"})
-    with pytest.raises(ValueError) as error:
-        parse_recipe_args(
-            CausalLMConfig,
-            [
-                "--config",
-                path,
-                "--train_parameters",
-                "experts",
-                "--expert_dropout",
-                "1.5",
-                "--max_steps",
-                "three",
-                "--metric_for_best_model",
-                "accuracy",
-            ],
-        )
-    message = str(error.value)
-    assert "max_steps must be an integer, got 'three'" in message
-    # The value checks run once every type is right, and list every problem.
-    with pytest.raises(ValueError) as error:
-        parse_recipe_args(
-            CausalLMConfig,
-            [
-                "--config",
-                path,
-                "--train_parameters",
-                "experts",
-                "--expert_dropout",
-                "1.5",
-                "--metric_for_best_model",
-                "accuracy",
-                "--lr_scheduler_type",
-                "triangle",
-            ],
-        )
-    message = str(error.value)
-    assert "lr_scheduler_type must be one of ['linear', 'cosine'," in message and "got 'triangle'" in message
-    assert "train_parameters must be one of ['all', 'non_moe', 'routers', 'lora'], got 'experts'" in message
-    assert "expert_dropout must be in [0, 1), got 1.5" in message
-    assert "metric_for_best_model must be one of ['loss', 'perplexity'], got 'accuracy'" in message
+def test_missing_data_file_fails_with_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_file: no such file"):
+        DataArguments(train_file=str(tmp_path / "nothing.jsonl"))
+    with pytest.raises(ValueError, match=r"train_file must end with one of \['.csv'"):
+        DataArguments(train_file=str(tmp_path / "data.xlsx"))
 
 
-def test_missing_files_fail_with_file_not_found(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--config: no such file"):
-        parse_recipe_args(CausalLMConfig, ["--config", str(tmp_path / "nope.yaml")])
-    path = write_settings(
-        tmp_path / "c.yaml",
-        {"model_name_or_path": "m", "output_dir": "o", "train_file": str(tmp_path / "missing.jsonl")},
-    )
-    with pytest.raises(FileNotFoundError, match=r"train_file: no such file or folder .*missing.jsonl"):
-        parse_recipe_args(CausalLMConfig, ["--config", path])
-
-
-@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
-def test_shipped_configs_parse_and_name_their_command(path: Path, tmp_path):
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_configs_parse_and_name_their_command(path: Path, tmp_path, monkeypatch):
+    text = path.read_text()
     recipe = "finetune_classification" if path.name.startswith("classification") else "finetune_clm"
-    assert f"recipes/{recipe}.py --config recipes/configs/{path.name}" in path.read_text(), (
-        "the header must give the command"
-    )
-    config_class = ClassificationConfig if recipe == "finetune_classification" else CausalLMConfig
-    # Their data files are made by the demo or by the user: check the schema and values only.
-    values = yaml.safe_load(path.read_text())
-    for key in ("train_file", "validation_file", "resume_from_checkpoint"):
-        values.pop(key, None)
-    values.setdefault("dataset_name", "placeholder")
-    config = parse_recipe_args(config_class, ["--config", write_settings(tmp_path / path.name, values)])
-    assert config.output_dir and config.model_name_or_path
+    assert f"recipes/{recipe}.py --config recipes/configs/{path.name}" in text
+    # Data files are the demo's output or the user's own (said so in the file): create empty stand-ins.
+    monkeypatch.chdir(tmp_path)
+    for line in text.splitlines():
+        if line.startswith(("train_file:", "validation_file:")):
+            file = tmp_path / line.split(":", 1)[1].split("#")[0].strip()
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.touch()
+            if not file.name.startswith(("train", "validation")):
+                assert "user data" in line or "USER DATA" in text, f"{path.name}: say that {file.name} is user data"
+    if recipe == "finetune_clm":
+        parse(CLM, ["--config", str(path)])
+    else:
+        from transformers import TrainingArguments
+
+        parse(
+            (MoeArguments, ClassificationDataArguments, TrainingArguments), ["--config", str(path), "--use_cpu", "true"]
+        )
 
 
 def test_column_not_found_fails_at_start(assets, tmp_path):
-    settings = clm_settings(
-        assets,
-        tmp_path / "out",
-        train_file=str(assets["root"] / "train.jsonl"),
-        validation_file=None,
-        text_column="content",
-    )
     with pytest.raises(
-        ValueError, match=r"text_column 'content' not found in the train data; its columns are \['body'\]"
+        ValueError, match=r"text_column 'sentence' not found in the train data; its columns are \['text'\]"
     ):
-        run_recipe("finetune_clm", settings, tmp_path)
-    settings = classification_settings(assets, tmp_path / "out", label_column="target")
-    with pytest.raises(
-        ValueError, match=r"label_column 'target' not found in the train data; its columns are \['sentence', 'label'\]"
-    ):
+        run_recipe("finetune_clm", clm_settings(assets, tmp_path / "out", text_column="sentence"), tmp_path)
+    with pytest.raises(ValueError, match=r"label_column 'stars' not found in the train data"):
+        settings = classification_settings(assets, tmp_path / "c", label_column="stars")
         run_recipe("finetune_classification", settings, tmp_path)
 
 
 def test_lora_target_matching_nothing_fails_at_start(assets, tmp_path):
-    settings = clm_settings(
-        assets,
-        tmp_path / "out",
-        train_parameters="lora",
-        lora={"target_modules": ["q_proj", "query"], "target_parameters": ["mlp.experts.w9.weight"]},
-    )
-    with pytest.raises(
-        ValueError,
-        match=r"LoRA targets match nothing in the model: lora.target_modules \['query'\], "
-        r"lora.target_parameters \['mlp.experts.w9.weight'\]",
-    ):
+    settings = clm_settings(assets, tmp_path / "out", train_parameters="lora", lora_target_modules=["query"])
+    with pytest.raises(ValueError, match=r"LoRA targets match nothing in the model: lora_target_modules \['query'\]"):
         run_recipe("finetune_clm", settings, tmp_path)
-    assert not (tmp_path / "out" / "metrics.jsonl").exists(), "nothing may run before the check"
 
 
-def test_dense_checkpoint_without_upcycle_section_fails(assets, tmp_path):
-    settings = clm_settings(assets, tmp_path / "out", model_name_or_path=assets["dense"])
-    with pytest.raises(ValueError, match=r"is a dense 'llama' checkpoint: add an `upcycle` section"):
-        run_recipe("finetune_clm", settings, tmp_path)
+def test_dense_checkpoint_without_upcycling_fails(assets, tmp_path):
+    with pytest.raises(ValueError, match="is a dense 'llama' checkpoint: set upcycle_routing"):
+        run_recipe("finetune_clm", clm_settings(assets, tmp_path / "out", model_name_or_path=assets["dense"]), tmp_path)
 
 
 def test_option_the_architecture_lacks_fails(assets, tmp_path):
     settings = clm_settings(
-        assets,
-        tmp_path / "out",
-        model_name_or_path=assets["dense"],
-        upcycle={"routing": "expert_choice", "num_experts": 4},
-        router_aux_loss_coef=0.01,
+        assets, tmp_path / "out", model_name_or_path=assets["dense"], upcycle_routing="expert_choice"
     )
-    with pytest.raises(ValueError, match=r"router_aux_loss_coef.*routing 'expert_choice'"):
+    settings["router_aux_loss_coef"] = 0.1
+    with pytest.raises(ValueError, match="router_aux_loss_coef"):
         run_recipe("finetune_clm", settings, tmp_path)
+
+
+def test_sequences_longer_than_the_positions_are_truncated_with_a_warning(assets, tmp_path, caplog):
+    # The tiny llama has max_position_embeddings 128.
+    with caplog.at_level(logging.WARNING, logger="hf_moe.training"):
+        result = run_recipe(
+            "finetune_clm", clm_settings(assets, tmp_path / "out", max_length=512, max_steps=1), tmp_path
+        )
+    assert (
+        "max_length 512 exceeds the model's max_position_embeddings (128): sequences are truncated to 128"
+        in caplog.text
+    )
+    assert result["history"][-1]["validation"]["loss"] > 0
+    with caplog.at_level(logging.WARNING, logger="hf_moe.training"):
+        settings = classification_settings(assets, tmp_path / "c", max_length=300, max_steps=1)
+        run_recipe("finetune_classification", settings, tmp_path)
+    assert "max_length 300 exceeds the model's max_position_embeddings (128)" in caplog.text
+
+
+def test_gpt2_positions_limit_is_n_positions(caplog):
+    from types import SimpleNamespace
+
+    from transformers import GPT2Config
+
+    from hf_moe.training import fit_length_to_positions
+
+    model = SimpleNamespace(
+        config=hf_moe.SwitchMoeConfig(text_config=GPT2Config(n_positions=64, n_layer=2), num_experts=2)
+    )
+    with caplog.at_level(logging.WARNING, logger="hf_moe.training"):
+        assert fit_length_to_positions(model, 128, "max_length") == 64
+        assert fit_length_to_positions(model, 32, "max_length") == 32
+    assert "max_length 128 exceeds the model's n_positions (64): sequences are truncated to 64 tokens" in caplog.text

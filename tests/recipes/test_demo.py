@@ -35,6 +35,10 @@ def check_outputs(output_dir, result) -> dict:
     assert ModelCard.load(finetuned / "README.md").data.eval_results
     settings = (finetuned / "finetune_config.yaml").read_text()
     assert "expert_dropout: 0.4" in settings and "router_z_loss_coef: 0.001" in settings
+    # The dense control: the dense model fine-tuned by the same recipe, printed next to the MoE.
+    assert (output_dir / "dense_control" / "model.safetensors").is_file()
+    assert report["dense_control_validation_perplexity"] > 1 and report["dense_control_tokens_per_second"] > 0
+    assert "dense control, same fine-tuning" in result.stdout
     return report
 
 
@@ -56,6 +60,15 @@ def test_demo_small(tmp_path):
         "300",
     )
     check_outputs(tmp_path / "demo", result)
+    # A second run over the same folder is refused unless asked to overwrite.
+    again = subprocess.run(
+        [sys.executable, str(REPO / "recipes" / "demo.py"), "--output_dir", str(tmp_path / "demo")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode != 0 and "holds the results of an earlier demo run; pass --overwrite" in again.stderr
 
 
 @pytest.mark.slow

@@ -1,0 +1,189 @@
+"""The recipes' own options, as dataclasses for `trl.TrlParser` / `transformers.HfArgumentParser`.
+
+A recipe parses ``(MoeArguments, DataArguments, SFTConfig)`` (causal LM) or ``(MoeArguments,
+DataArguments, TrainingArguments)`` (classification) from ``--config file.yaml`` plus ``--flag value``
+overrides; unknown keys and flags are errors. Training, evaluation, checkpoint and logging options
+are the trainer's own (`TrainingArguments` / `SFTConfig`). Each dataclass checks its values on
+construction and reports every problem at once.
+"""
+
+import os
+from dataclasses import dataclass, field
+
+from hf_moe.upcycling import EXPERT_INITS, ROUTINGS
+
+TRAIN_PARAMETER_CHOICES = ("all", "non_moe", "routers", "lora")
+DATA_FILE_BUILDERS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".txt": "text",
+    ".text": "text",
+    ".parquet": "parquet",
+}
+
+
+def _raise(owner: str, problems: list[str]) -> None:
+    if problems:
+        raise ValueError(f"Invalid {owner}:\n  - " + "\n  - ".join(problems))
+
+
+@dataclass
+class MoeArguments:
+    """What hf_moe adds to a fine-tune: the model source (an hf_moe checkpoint, or a dense one upcycled on
+    the fly), the MoE and regularisation options (Switch Table 4, ST-MoE), what trains, LoRA, the dense
+    control, the overfitting gap, early stopping and output-folder safety. ``None`` for an MoE option
+    keeps the checkpoint's value."""
+
+    model_name_or_path: str = field(
+        default="", metadata={"help": "an hf_moe checkpoint, or a dense one with upcycle_routing set"}
+    )
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "default: model_name_or_path"})
+    # Upcycling on the fly (hf_moe.upcycling.upcycle_model options); upcycle_routing None = no upcycling.
+    upcycle_routing: str | None = field(default=None, metadata={"help": f"upcycle a dense model: one of {ROUTINGS}"})
+    upcycle_num_experts: int = 8
+    upcycle_moe_layers: str = field(default="every_other", metadata={"help": "every_other, all, or e.g. '1,3'"})
+    upcycle_expert_init: str = field(default="copy", metadata={"help": f"one of {EXPERT_INITS}"})
+    upcycle_noise_std: float | None = None
+    upcycle_drop_ratio: float = 0.5
+    upcycle_seed: int = 0
+    upcycle_num_experts_per_tok: int | None = None
+    upcycle_norm_topk_prob: bool | None = None
+    # MoE options, set on the model config before the modules are built.
+    router_aux_loss_coef: float | None = None
+    router_z_loss_coef: float | None = None
+    expert_dropout: float | None = None
+    backbone_dropout: float | None = None
+    capacity_factor: str | None = field(default=None, metadata={"help": "a number > 0, or 'dropless'"})
+    eval_capacity_factor: str | None = field(default=None, metadata={"help": "a number > 0, or 'dropless'"})
+    router_jitter_noise: float | None = None
+    # What trains.
+    train_parameters: str = field(default="all", metadata={"help": f"one of {TRAIN_PARAMETER_CHOICES}"})
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=list, metadata={"help": "e.g. q_proj v_proj"})
+    lora_target_parameters: list[str] = field(
+        default_factory=list, metadata={"help": "e.g. mlp.experts.down_proj.weight (stacked [E, out, in])"}
+    )
+    lora_merge: bool = field(default=False, metadata={"help": "save the merged model instead of the adapter"})
+    # Comparison, evaluation, safety.
+    dense_control: bool = field(
+        default=False,
+        metadata={"help": "fine-tune the dense model (no upcycling) with the same data, schedule and evaluation"},
+    )
+    train_eval_samples: int = field(
+        default=256, metadata={"help": "training examples also scored in eval mode (train/validation gap); 0 = none"}
+    )
+    early_stopping_patience: int = field(default=0, metadata={"help": "evaluations without improvement; 0 = off"})
+    early_stopping_threshold: float = 0.0
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "replace an output_dir that holds a finished or interrupted run"}
+    )
+
+    def __post_init__(self):
+        found = []
+        if not self.model_name_or_path:
+            found.append("model_name_or_path is required (an hf_moe checkpoint, or a dense one with upcycle_routing)")
+        if self.upcycle_routing is not None and self.upcycle_routing not in ROUTINGS:
+            found.append(f"upcycle_routing must be one of {list(ROUTINGS)}, got {self.upcycle_routing!r}")
+        if self.upcycle_expert_init not in EXPERT_INITS:
+            found.append(f"upcycle_expert_init must be one of {list(EXPERT_INITS)}, got {self.upcycle_expert_init!r}")
+        if self.train_parameters not in TRAIN_PARAMETER_CHOICES:
+            found.append(
+                f"train_parameters must be one of {list(TRAIN_PARAMETER_CHOICES)}, got {self.train_parameters!r}"
+            )
+        has_targets = bool(self.lora_target_modules or self.lora_target_parameters)
+        if self.train_parameters == "lora" and not has_targets:
+            found.append("train_parameters 'lora' needs lora_target_modules and/or lora_target_parameters")
+        if has_targets and self.train_parameters != "lora":
+            found.append(f"lora_target_* are only used with train_parameters 'lora', got {self.train_parameters!r}")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "early_stopping_threshold"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                found.append(f"{name} must be >= 0, got {value!r}")
+        for name in ("expert_dropout", "backbone_dropout", "router_jitter_noise"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1:
+                found.append(f"{name} must be in [0, 1), got {value!r}")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            if value is None or value == "dropless":
+                continue
+            try:
+                number = float(value)
+            except ValueError:
+                number = 0.0
+            if number <= 0:
+                found.append(f"{name} must be a number > 0 or 'dropless' (unset keeps the checkpoint's), got {value!r}")
+        for name in ("train_eval_samples", "early_stopping_patience"):
+            if getattr(self, name) < 0:
+                found.append(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.dense_control and self.upcycle_routing is None:
+            found.append(
+                "dense_control fine-tunes the dense model an MoE run upcycles: give the dense model_name_or_path "
+                "with upcycle_routing set (the MoE run's settings), got upcycle_routing None"
+            )
+        _raise("MoeArguments", found)
+
+    def moe_layers(self) -> str | list[int]:
+        value = self.upcycle_moe_layers
+        return value if value in ("every_other", "all") else [int(v) for v in value.split(",") if v.strip()]
+
+
+@dataclass
+class DataArguments:
+    """Data through `datasets.load_dataset`: a Hub dataset, or local json/jsonl/csv/text/parquet files.
+    Without a validation file or split, ``validation_split_percentage`` of the training data is held out."""
+
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
+    train_file: str | None = field(default=None, metadata={"help": "a local data file (user data)"})
+    validation_file: str | None = None
+    train_split: str = "train"
+    validation_split: str | None = None
+    validation_split_percentage: float = 10.0
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    # Columns: text_column, or (causal LM) prompt_column + response_column, the loss on the response only.
+    text_column: str = "text"
+    prompt_column: str | None = None
+    response_column: str | None = None
+
+    def __post_init__(self):
+        found = []
+        if self.dataset_name is None and self.train_file is None:
+            found.append("give dataset_name (a Hub dataset or a datasets builder) or train_file (a local data file)")
+        for name in ("train_file", "validation_file"):
+            path = getattr(self, name)
+            if path is not None and os.path.splitext(path)[1] not in DATA_FILE_BUILDERS:
+                found.append(f"{name} must end with one of {sorted(DATA_FILE_BUILDERS)}, got {path!r}")
+        if (self.prompt_column is None) != (self.response_column is None):
+            found.append(
+                "prompt_column and response_column go together (instruction data), "
+                f"got prompt_column={self.prompt_column!r}, response_column={self.response_column!r}"
+            )
+        if not 0 < self.validation_split_percentage < 100:
+            found.append(f"validation_split_percentage must be in (0, 100), got {self.validation_split_percentage!r}")
+        found += self._task_problems()
+        _raise(type(self).__name__, found)
+        for name in ("train_file", "validation_file"):
+            path = getattr(self, name)
+            if path is not None and not os.path.isfile(path):
+                raise FileNotFoundError(f"{name}: no such file {path!r}")
+
+    def _task_problems(self) -> list[str]:
+        return []
+
+
+@dataclass
+class ClassificationDataArguments(DataArguments):
+    """`DataArguments` of the classification recipe: text, optional text pair and label columns, and the
+    truncation length (the causal LM recipe's length is SFTConfig's ``max_length``)."""
+
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    max_length: int = 128
+
+    def _task_problems(self) -> list[str]:
+        return [f"max_length must be >= 2, got {self.max_length!r}"] if self.max_length < 2 else []

@@ -1,0 +1,276 @@
+"""The output folder of a run: refusing to overwrite a finished run, complete checkpoints and resuming
+from the latest one, and the evaluation history the model card shows.
+
+Trainer writes ``checkpoint-N`` folders in place. `CompleteCheckpoints` marks a checkpoint complete
+once Trainer has written all of it; resume takes only marked checkpoints, and every file of the one
+it takes is read back first, so a partial or corrupt checkpoint is an error naming the file.
+"""
+
+import json
+import os
+import re
+import shutil
+import zipfile
+
+from transformers import TrainerCallback
+
+from .publish import SETTINGS_FILE
+
+COMPLETE_MARKER = "checkpoint_complete"
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoints(output_dir: str) -> list[str]:
+    """``checkpoint-N`` folders of ``output_dir``, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := CHECKPOINT_PATTERN.match(name))]
+    return [os.path.join(output_dir, name) for _, name in sorted(found)]
+
+
+def check_output_dir(output_dir: str, overwrite: bool, resume: str | None) -> None:
+    """Refuse an ``output_dir`` holding a finished run, or an interrupted one that is not being resumed,
+    unless ``overwrite_output_dir``; with it, empty the folder first (no stale checkpoints stay)."""
+    finished = os.path.isfile(os.path.join(output_dir, SETTINGS_FILE))
+    interrupted = bool(checkpoints(output_dir)) and not finished
+    if overwrite and (finished or interrupted):
+        shutil.rmtree(output_dir)
+        return
+    if finished:
+        raise ValueError(
+            f"output_dir {output_dir!r} holds a finished run ({SETTINGS_FILE}); pass --overwrite_output_dir true "
+            "to replace it, or choose another output_dir"
+        )
+    if interrupted and resume is None:
+        raise ValueError(
+            f"output_dir {output_dir!r} holds checkpoints of an interrupted run "
+            f"({os.path.basename(checkpoints(output_dir)[-1])}); "
+            "pass --resume_from_checkpoint true to continue it, or --overwrite_output_dir true to start over"
+        )
+
+
+def resolve_checkpoint(output_dir: str, resume: str | None) -> str | None:
+    """The checkpoint to resume from: ``true``/``latest`` = the latest complete one in ``output_dir``;
+    a path = that checkpoint. Each is checked with `check_checkpoint`."""
+    if resume is None or resume.lower() in ("false", "none", ""):
+        return None
+    if resume.lower() in ("true", "latest"):
+        complete = [c for c in checkpoints(output_dir) if os.path.isfile(os.path.join(c, COMPLETE_MARKER))]
+        if not complete:
+            raise FileNotFoundError(
+                f"resume_from_checkpoint {resume!r}: no complete checkpoint in output_dir {output_dir!r} "
+                f"(found {[os.path.basename(c) for c in checkpoints(output_dir)]})"
+            )
+        resume = complete[-1]
+    check_checkpoint(resume)
+    return resume
+
+
+def check_checkpoint(folder: str) -> None:
+    """Read back every file of a checkpoint; ValueError naming the file and what is wrong."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"resume_from_checkpoint: no such folder {folder!r}")
+    if not os.path.isfile(os.path.join(folder, COMPLETE_MARKER)):
+        raise ValueError(
+            f"checkpoint {folder!r} is incomplete (no {COMPLETE_MARKER}: its save was interrupted); "
+            "resume from an earlier one, or --resume_from_checkpoint true for the latest complete one"
+        )
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            if name.endswith(".json"):
+                with open(path) as f:
+                    json.load(f)
+            elif name.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                with safe_open(path, framework="pt") as f:
+                    for key in f.keys():
+                        f.get_slice(key)
+            elif name.endswith((".pt", ".pth", ".bin")):
+                with zipfile.ZipFile(path) as archive:
+                    bad = archive.testzip()
+                if bad is not None:
+                    raise ValueError(f"entry {bad} fails its checksum")
+        except Exception as error:
+            raise ValueError(f"checkpoint file {path!r} is corrupt: {type(error).__name__}: {error}") from error
+
+
+class CompleteCheckpoints(TrainerCallback):
+    """Marks each checkpoint complete once Trainer has written all of it (model, optimizer, scheduler,
+    RNG and trainer states)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if state.is_world_process_zero and os.path.isdir(folder):
+            with open(os.path.join(folder, COMPLETE_MARKER), "w") as f:
+                f.write(f"{state.global_step}\n")
+
+
+def evaluation_history(log_history: list[dict], metric_names: list[str], train_name: str = "train_subset"):
+    """Rows ``{step, train, validation, gap}`` of every evaluation (task losses, without router terms),
+    and the routing summary of the last one, from Trainer's log history with `MoeCallback`'s values."""
+    # Trainer logs each evaluation set as its own entry: merge the entries of each step.
+    merged: dict[int, dict] = {}
+    for entry in log_history:
+        if any(key.startswith("eval_") and key.endswith("task_loss") for key in entry):
+            merged.setdefault(entry["step"], {}).update(entry)
+    rows, routing = [], None
+    for entry in merged.values():
+        if "eval_validation_task_loss" not in entry:
+            continue
+
+        def metrics(prefix: str, entry: dict = entry) -> dict:
+            values = {"loss": entry.get(f"{prefix}task_loss")}
+            values.update({n: entry.get(f"{prefix}{n}") for n in metric_names if n != "loss"})
+            return values
+
+        validation = metrics("eval_validation_")
+        train = metrics(f"eval_{train_name}_") if f"eval_{train_name}_task_loss" in entry else dict(validation)
+        rows.append(
+            {
+                "step": entry["step"],
+                "train": train,
+                "validation": validation,
+                "gap": entry.get("eval_validation_gap", 0.0),
+            }
+        )
+        routing = routing_summary(entry, "eval_validation_") or routing
+    return rows, routing
+
+
+def routing_summary(entry: dict, prefix: str) -> dict | None:
+    """``{layers, expert_load, balance, dropped_fraction, z_loss, aux_loss}`` from one logged evaluation."""
+    pattern = re.compile(re.escape(prefix) + r"router/layer(\d+)/expert(\d+)$")
+    load: dict[int, dict[int, float]] = {}
+    for key, value in entry.items():
+        if m := pattern.match(key):
+            load.setdefault(int(m.group(1)), {})[int(m.group(2))] = value
+    if not load:
+        return None
+    layers = sorted(load)
+    return {
+        "layers": layers,
+        "expert_load": [[load[layer][e] for e in sorted(load[layer])] for layer in layers],
+        "balance": [entry[f"{prefix}router/layer{layer}/balance"] for layer in layers],
+        "dropped_fraction": [entry[f"{prefix}router/layer{layer}/dropped_fraction"] for layer in layers],
+        "z_loss": entry.get(f"{prefix}z_loss", 0.0),
+        "aux_loss": entry.get(f"{prefix}aux_loss"),
+    }
+
+
+# Training options worth a line in the model card and finetune_config.yaml (Trainer has ~150).
+TRAINING_SETTINGS = (
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "num_train_epochs",
+    "max_steps",
+    "max_length",
+    "packing",
+    "eval_steps",
+    "metric_for_best_model",
+    "seed",
+    "output_dir",
+    "hub_model_id",
+)
+
+
+def prepare_run(moe_args, training_args) -> tuple[str | None, str | None]:
+    """Before building anything: the output-folder check, the checkpoint to resume from, the metric for
+    the best model, and the Hub upload taken over from Trainer (which would create the repository at
+    start and fail offline). Returns (checkpoint to resume from, Hub repository to push to at the end)."""
+    resume = training_args.resume_from_checkpoint
+    if training_args.process_index == 0:
+        check_output_dir(training_args.output_dir, moe_args.overwrite_output_dir, resume)
+    training_args.resume_from_checkpoint = None
+    checkpoint = resolve_checkpoint(training_args.output_dir, resume)
+    if training_args.metric_for_best_model is None:
+        training_args.metric_for_best_model, training_args.greater_is_better = "eval_validation_task_loss", False
+    hub_repo = None
+    if training_args.push_to_hub:
+        if not training_args.hub_model_id:
+            raise ValueError("push_to_hub needs hub_model_id (e.g. 'your-name/switch-finetuned')")
+        hub_repo, training_args.push_to_hub = training_args.hub_model_id, False
+    return checkpoint, hub_repo
+
+
+def evaluation_sets(data, moe_args) -> dict:
+    """Validation data and, for the overfitting gap, a fixed training subset scored in evaluation mode
+    (first, so the validation row of each evaluation logs the gap)."""
+    sets = {"validation": data["validation"]}
+    if moe_args.train_eval_samples > 0:
+        subset = data["train"].select(range(min(moe_args.train_eval_samples, len(data["train"]))))
+        sets = {"train_subset": subset, **sets}
+    return sets
+
+
+def finish_run(trainer, tokenizer, moe_args, data_args, *, task, auto_class, metric_names, hub_repo, base_on_disk=True):
+    """Save the model (or adapter), the settings, the trainer state, the model card; push if asked.
+    Returns the evaluation history and the best evaluation."""
+    import dataclasses
+
+    from .publish import push_folder_to_hub, save_model_folder, write_model_card
+    from .trainers import is_moe_model
+
+    args = trainer.args
+    settings = {**dataclasses.asdict(moe_args), **dataclasses.asdict(data_args)}
+    settings.update({name: getattr(args, name) for name in TRAINING_SETTINGS if hasattr(args, name)})
+    settings = {k: v.value if hasattr(v, "value") else v for k, v in settings.items()}
+    trainer.save_state()
+    history, routing = evaluation_history(trainer.state.log_history, metric_names)
+    best_step = trainer.state.best_global_step or (history[-1]["step"] if history else None)
+    best_row = next((row for row in history if row["step"] == best_step), history[-1] if history else None)
+    best = None
+    if best_row is not None:
+        metric = args.metric_for_best_model.removeprefix("eval_validation_").removeprefix("task_")
+        best = {
+            "step": best_row["step"],
+            "metric": args.metric_for_best_model,
+            "value": best_row["validation"].get(metric, best_row["validation"]["loss"]),
+            "train_loss": best_row["train"]["loss"],
+            "validation_loss": best_row["validation"]["loss"],
+            "gap": best_row["gap"],
+        }
+    # The settings file goes last: its presence marks a finished run.
+    saved = save_model_folder(
+        trainer.accelerator, trainer.model, tokenizer, moe_args, args.output_dir, settings, base_on_disk
+    )
+    if trainer.is_world_process_zero():
+        if is_moe_model(trainer.model) and history and routing is not None:
+            dataset = data_args.dataset_name or os.path.basename(data_args.train_file)
+            write_model_card(
+                args.output_dir,
+                settings=settings,
+                model=saved["model"],
+                task=task,
+                auto_class=auto_class,
+                history=history,
+                best=best,
+                routing=routing,
+                dataset=dataset,
+                saved=saved,
+                metric_names=metric_names,
+            )
+        else:
+            from .publish import HISTORY_FILE
+
+            with open(os.path.join(args.output_dir, HISTORY_FILE), "w") as f:
+                json.dump({"evaluations": history, "best": best, "routing": None}, f, indent=1)
+        if history:
+            final = history[-1]
+            print(
+                f"Final step {final['step']}: validation task loss {final['validation']['loss']:.4f}, "
+                f"training subset {final['train']['loss']:.4f}, gap {final['gap']:+.4f}"
+                + (f"; best step {best['step']}" if best else "")
+            )
+        if hub_repo is not None:
+            print(push_folder_to_hub(args.output_dir, hub_repo))
+        print(f"Saved the fine-tuned {saved['kind']} in {os.path.abspath(args.output_dir)}")
+    return {"history": history, "best": best, "output_dir": args.output_dir, "log_history": trainer.state.log_history}
