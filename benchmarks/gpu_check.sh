@@ -36,6 +36,10 @@ export PYTHONPATH=$PWD:${PYTHONPATH:+$PYTHONPATH:}/tmp/hf_moe_meta
     "$PYTHON" -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'transformers', transformers.__version__, 'peft', peft.__version__); print(torch.cuda.get_device_name(0))"
 } >"$RESULTS/environment.txt" 2>&1
+# hf_moe needs the versions pyproject.toml names (transformers >= 5.23, peft 0.21): say so up front.
+"$PYTHON" -c "import transformers; v = tuple(int(x) for x in transformers.__version__.split('.')[:2]); \
+raise SystemExit(0 if v >= (5, 23) else 'transformers ' + transformers.__version__ + ' < 5.23: carry wheels in .whl/')" \
+    2>&1 | tee -a "$RESULTS/summary.txt"
 
 step() {  # step NAME LIMIT_SECONDS COMMAND...
     local name=$1 limit=$2

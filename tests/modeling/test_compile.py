@@ -21,7 +21,7 @@ TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rto
 @pytest.mark.parametrize("config_class", [hf_moe.SwitchMoeConfig, hf_moe.ExpertChoiceMoeConfig], ids=["switch", "ec"])
 def test_compiled_training_step_equals_eager(config_class, dtype, backend):
     torch._dynamo.reset()  # a fresh compilation per case (routing settings differ between cases)
-    config = config_class(text_config=dense_config("llama", num_hidden_layers=2), num_experts=4, moe_layers=[1])
+    config = config_class(text_config=dense_config("llama", num_hidden_layers=1), num_experts=4, moe_layers=[0])
     model = AutoModelForCausalLM.from_config(config).to(dtype).train()
     ids = torch.randint(3, VOCAB, (2, 8))
     buffers = {name: b.clone() for name, b in model.named_buffers()}
