@@ -66,13 +66,18 @@ def _add_lora(model: nn.Module, config, head_names: tuple[str, ...]):
             f"lora_target_parameters {unmatched_parameters}. Module names end like {module_suffixes}; "
             f"parameters like {[n for n in parameter_names if 'experts' in n][:4]}"
         )
+    saved = [n for n in head_names if any(m.endswith("." + n) for m in module_names)]
+    if getattr(model.config, "model_type", None) == "expert_choice_moe":
+        # Expert choice updates its routers' score thresholds (buffers) in every training step: the
+        # routers go into the adapter (PEFT's modules_to_save), so loading it reproduces the model.
+        saved.append("router")
     lora_config = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=list(targets["target_modules"]) or None,
         target_parameters=list(targets["target_parameters"]) or None,
-        modules_to_save=[n for n in head_names if any(m.endswith("." + n) for m in module_names)] or None,
+        modules_to_save=saved or None,
     )
     return get_peft_model(model, lora_config)
 

@@ -162,3 +162,25 @@ def test_gpt2_positions_limit_is_n_positions(caplog):
         assert fit_length_to_positions(model, 128, "max_length") == 64
         assert fit_length_to_positions(model, 32, "max_length") == 32
     assert "max_length 128 exceeds the model's n_positions (64): sequences are truncated to 64 tokens" in caplog.text
+
+
+@pytest.mark.parametrize("config_class", ["SwitchMoeConfig", "ExpertChoiceMoeConfig"])
+def test_lora_keeps_expert_choice_thresholds_in_the_adapter(config_class, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import hf_moe
+    from hf_moe.training import MoeArguments, select_trainable_parameters
+
+    dense = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    model = AutoModelForCausalLM.from_config(getattr(hf_moe, config_class)(text_config=dense, num_experts=4))
+    arguments = MoeArguments(model_name_or_path="m", train_parameters="lora", lora_target_modules=["q_proj"])
+    peft_model = select_trainable_parameters(model, arguments)
+    peft_model.train()
+    peft_model(torch.randint(0, 64, (2, 8)))  # a training forward moves the thresholds
+    peft_model.save_pretrained(tmp_path / "adapter")
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as saved:
+        has_thresholds = any("score_thresholds" in key for key in saved.keys())
+    assert has_thresholds == (config_class == "ExpertChoiceMoeConfig")
