@@ -162,11 +162,14 @@ def transformers_reference(model_dir: Path, prompts: list[list[int]]) -> list[di
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     results = []
     for prompt in prompts:
-        input_ids = torch.tensor([prompt])
-        generated = model.generate(input_ids, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
-        tokens = generated[0, len(prompt) :].tolist()
+        # Plain argmax steps: `generate` would stop at, or with min_new_tokens suppress, the
+        # end-of-sequence token, which the engines are asked to emit like any other (ignore_eos).
+        ids = torch.tensor([prompt])
         with torch.no_grad():
-            log_probs = model(generated).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
+            for _ in range(NEW_TOKENS):
+                ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            log_probs = model(ids).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
+        tokens = ids[0, len(prompt) :].tolist()
         logprobs = log_probs.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
         results.append({"tokens": tokens, "logprobs": logprobs})
     return results
