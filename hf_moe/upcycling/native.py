@@ -65,6 +65,8 @@ class NativeFamily:
     zero_tensors: tuple[tuple[str, tuple], ...]
     engines: tuple[Engine, ...]
     heads: tuple[int, ...] = (0, 1, 2)
+    # Tensors of each MoE block a native checkpoint may hold that an import ignores (empty ones).
+    optional_tensors: tuple[str, ...] = ()
 
     def class_name(self, head: int) -> str:
         return self.class_prefix + HEAD_SUFFIXES[head]
@@ -130,11 +132,14 @@ FAMILIES = (
         # The shared expert has no neurons: its output, and so its gated contribution, is exactly 0.
         fixed_fields={"decoder_sparse_step": 1, "shared_expert_intermediate_size": 0, "qkv_bias": True},
         dense_requirements={"use_sliding_window": False},
-        zero_tensors=(
-            ("shared_expert.gate_proj.weight", (0, "H")),
-            ("shared_expert.up_proj.weight", (0, "H")),
-            ("shared_expert.down_proj.weight", ("H", 0)),
-            ("shared_expert_gate.weight", (1, "H")),
+        # The empty shared expert's own tensors (0 elements) are not written: vLLM builds no shared
+        # expert when its size is 0 and rejects them; transformers lists them as missing, which
+        # changes nothing for a tensor without elements.
+        zero_tensors=(("shared_expert_gate.weight", (1, "H")),),
+        optional_tensors=(
+            "shared_expert.gate_proj.weight",
+            "shared_expert.up_proj.weight",
+            "shared_expert.down_proj.weight",
         ),
         engines=(
             Engine("vLLM", "Qwen2MoeForCausalLM", ""),
@@ -366,3 +371,12 @@ def tensor_rules(family: NativeFamily, plan) -> tuple[list[TensorRule], list[tup
         for name, shape in family.zero_tensors
     ]
     return rules, zeros
+
+
+def optional_native_tensors(family: NativeFamily, plan) -> set[str]:
+    """Native tensor names an import accepts and ignores (see `NativeFamily.optional_tensors`)."""
+    return {
+        f"{block.rpartition('.')[0]}.{family.block_name}.{name}"
+        for block in plan.feed_forward_blocks.values()
+        for name in family.optional_tensors
+    }
