@@ -114,11 +114,17 @@ def llama_cpp_worker(model_dir: str, prompts: list[list[int]], convert_script: s
 
 
 def write_tokenizer(folder: Path) -> None:
+    """A byte-pair tokenizer of VOCAB tokens: 3 specials, 26 letters and merged letter pairs (llama.cpp's
+    GGUF vocabulary needs merges)."""
+    import string
+
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    letters = list(string.ascii_lowercase)
+    pairs = [(a, b) for a in letters for b in letters][: VOCAB - 3 - len(letters)]
+    tokens = ["<pad>", "<s>", "</s>", *letters, *(a + b for a, b in pairs)]
+    tokenizer = Tokenizer(models.BPE({token: i for i, token in enumerate(tokens)}, pairs, unk_token="<pad>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(folder)
