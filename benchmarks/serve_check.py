@@ -114,11 +114,17 @@ def llama_cpp_worker(model_dir: str, prompts: list[list[int]], convert_script: s
 
 
 def write_tokenizer(folder: Path) -> None:
+    """A byte-pair tokenizer of VOCAB tokens: 3 specials, 26 letters and merged letter pairs (llama.cpp's
+    GGUF vocabulary needs merges)."""
+    import string
+
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    letters = list(string.ascii_lowercase)
+    pairs = [(a, b) for a in letters for b in letters][: VOCAB - 3 - len(letters)]
+    tokens = ["<pad>", "<s>", "</s>", *letters, *(a + b for a, b in pairs)]
+    tokenizer = Tokenizer(models.BPE({token: i for i, token in enumerate(tokens)}, pairs, unk_token="<pad>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(folder)
@@ -162,11 +168,14 @@ def transformers_reference(model_dir: Path, prompts: list[list[int]]) -> list[di
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     results = []
     for prompt in prompts:
-        input_ids = torch.tensor([prompt])
-        generated = model.generate(input_ids, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
-        tokens = generated[0, len(prompt) :].tolist()
+        # Plain argmax steps: `generate` would stop at, or with min_new_tokens suppress, the
+        # end-of-sequence token, which the engines are asked to emit like any other (ignore_eos).
+        ids = torch.tensor([prompt])
         with torch.no_grad():
-            log_probs = model(generated).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
+            for _ in range(NEW_TOKENS):
+                ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            log_probs = model(ids).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
+        tokens = ids[0, len(prompt) :].tolist()
         logprobs = log_probs.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
         results.append({"tokens": tokens, "logprobs": logprobs})
     return results

@@ -151,7 +151,8 @@ def serving_limits(config, family, native) -> list[str]:
     if family.zero_tensors:
         limits.append(
             "the shared expert has size 0 (shared_expert_intermediate_size=0) so that it adds exactly nothing; "
-            "an engine that assumes a non-empty shared expert may reject the checkpoint (not checked here)"
+            "its empty tensors are not stored, so transformers reports them as newly initialised (they hold no "
+            "values)"
         )
     dropped = [
         f"{name}={getattr(config, name)}"

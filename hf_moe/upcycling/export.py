@@ -41,6 +41,7 @@ from .native import (
     import_problems,
     imported_settings,
     native_config,
+    optional_native_tensors,
     tensor_rules,
 )
 from .settings import UpcyclingSettings
@@ -130,7 +131,7 @@ def import_checkpoint(
     config.imported = {**origin, "model_type": family.model_type, "hf_moe_version": HF_MOE_VERSION}
     plan = plan_conversion(config, head)
     rules, zeros = tensor_rules(family, plan)
-    zero_names = {name for name, _ in zeros}
+    zero_names = {name for name, _ in zeros} | optional_native_tensors(family, plan)
 
     with DenseCheckpoint(folder) as checkpoint:
         expected = {name: (rule, i) for rule in rules for i, name in enumerate(rule.native_names)}
