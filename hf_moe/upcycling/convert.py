@@ -254,10 +254,7 @@ def upcycle_checkpoint(
             return checkpoint.read(mapping[dense_name])
 
         plans = {out.name: t for t, out in zip(plan.tensors, outputs, strict=True)}
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=staging_prefix(output_dir, "unfinished"), dir=output_dir.parent))
-        try:
-            staging.chmod(0o755)  # mkdtemp makes it private; the published folder should not be
+        with staged_output(output_dir, overwrite, total_bytes) as staging:
             write_sharded_safetensors(
                 staging,
                 outputs,
@@ -280,16 +277,6 @@ def upcycle_checkpoint(
                     )
                 config.save_pretrained(staging)
             (staging / "README.md").write_text(upcycled_model_card(plan, output_dir.name))
-            _publish(staging, output_dir, overwrite)
-        except BaseException as error:
-            shutil.rmtree(staging, ignore_errors=True)
-            if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-                raise OSError(
-                    errno.ENOSPC,
-                    f"No disk space left on {output_dir.parent} while writing the MoE checkpoint "
-                    f"({format_bytes(total_bytes)} of weights); nothing was written to output_dir",
-                ) from None
-            raise
     return output_dir
 
 
@@ -546,15 +533,22 @@ def _publish(staging: Path, output_dir: Path, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def staged_output(output_dir: Path, overwrite: bool):
+def staged_output(output_dir: Path, overwrite: bool, weight_bytes: int):
     """A hidden folder next to ``output_dir`` to build the output in; published with `_publish`
-    when the block completes, removed on any failure (Ctrl-C included)."""
+    when the block completes, removed on any failure (Ctrl-C included). A full disk is reported
+    with the size of the weights being written."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=staging_prefix(output_dir, "unfinished"), dir=output_dir.parent))
     try:
         staging.chmod(0o755)  # mkdtemp makes it private; the published folder should not be
         yield staging
         _publish(staging, output_dir, overwrite)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            raise OSError(
+                errno.ENOSPC,
+                f"No disk space left on {output_dir.parent} while writing the MoE checkpoint "
+                f"({format_bytes(weight_bytes)} of weights); nothing was written to output_dir",
+            ) from None
         raise

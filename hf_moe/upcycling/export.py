@@ -146,14 +146,15 @@ def import_checkpoint(
         ]
         _raise_mismatch(family.model_type, missing, unexpected, bad_shapes)
         outputs = [OutputTensor(rule.name, checkpoint.dtype(rule.native_names[0]), shapes[rule.name]) for rule in rules]
-        _check_disk_space(output_dir.parent, sum(out.nbytes for out in outputs))
+        weight_bytes = sum(out.nbytes for out in outputs)
+        _check_disk_space(output_dir.parent, weight_bytes)
         by_name = {rule.name: rule for rule in rules}
 
         def produce(out: OutputTensor):
             for native_name in by_name[out.name].native_names:  # one chunk per expert
                 yield checkpoint.read(native_name)
 
-        with staged_output(output_dir, overwrite) as staging:
+        with staged_output(output_dir, overwrite, weight_bytes) as staging:
             write_sharded_safetensors(staging, outputs, produce, shard_bytes, progress)
             _write_metadata(staging, plan, folder)
             if verify:
@@ -248,7 +249,8 @@ def _export(
                 outputs.append(OutputTensor(native_name, dtype, _native_shape(shapes[rule.name], rule)))
         router_dtype = next(out.dtype for out in outputs if out.name.endswith(".gate.weight"))
         outputs += [OutputTensor(name, router_dtype, shape) for name, shape in zeros]
-        _check_disk_space(output_dir.parent, sum(out.nbytes for out in outputs))
+        weight_bytes = sum(out.nbytes for out in outputs)
+        _check_disk_space(output_dir.parent, weight_bytes)
 
         def read_source(native_name: str) -> torch.Tensor:
             name, row = sources[native_name]
@@ -260,7 +262,7 @@ def _export(
         native.hf_moe_export = {**origin, "hf_moe_version": HF_MOE_VERSION}
         if getattr(config, "upcycling", None):
             native.hf_moe_export["upcycling"] = config.upcycling
-        with staged_output(output_dir, overwrite) as staging:
+        with staged_output(output_dir, overwrite, weight_bytes) as staging:
             write_sharded_safetensors(staging, outputs, produce, shard_bytes, progress)
             native.save_pretrained(staging)
             copy_data_files(folder, staging)
