@@ -2,7 +2,8 @@
 
     python recipes/demo.py [--output_dir hf_moe_demo]
 
-Offline, on CPU, about 4 minutes on 2 idle cores. Nothing is downloaded; the text is the Python
+Offline, on CPU, a few minutes on 2 idle cores (the dense control adds a second, cheaper fine-tune;
+``--no_dense_control`` skips it). Nothing is downloaded; the text is the Python
 standard library's own source and docstrings, which ship with every interpreter, split into
 training and validation by file.
 

@@ -29,10 +29,10 @@ from hf_moe.training import (
     CompleteCheckpoints,
     MoeArguments,
     MoeCallback,
+    add_training_subset,
     check_columns,
     check_process_group,
     classifier_head_names,
-    evaluation_sets,
     finish_run,
     fit_length_to_positions,
     label_names,
@@ -90,12 +90,13 @@ def main(argv: list[str] | None = None) -> dict:
         model=model,
         args=training_args,
         train_dataset=data["train"],
-        eval_dataset=evaluation_sets(data, moe_args),
+        eval_dataset={"validation": data["validation"]},
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
         callbacks=callbacks,
     )
+    add_training_subset(trainer, moe_args.train_eval_samples)
     MoeCallback.attach(trainer)
     check_process_group(trainer.accelerator)
     print(

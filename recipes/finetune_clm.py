@@ -25,8 +25,8 @@ from hf_moe.training import (
     MoeCallback,
     MoeSFTConfig,
     MoeSFTTrainer,
+    add_training_subset,
     check_process_group,
-    evaluation_sets,
     finish_run,
     fit_length_to_positions,
     load_model_for_finetuning,
@@ -60,10 +60,11 @@ def main(argv: list[str] | None = None) -> dict:
         model=model,
         args=training_args,
         train_dataset=data["train"],
-        eval_dataset=evaluation_sets(data, moe_args),
+        eval_dataset={"validation": data["validation"]},
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    add_training_subset(trainer, moe_args.train_eval_samples)
     MoeCallback.attach(trainer)
     check_process_group(trainer.accelerator)
     print(

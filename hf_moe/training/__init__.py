@@ -8,9 +8,9 @@ from .data import check_columns, label_names, load_train_and_validation, to_sft_
 from .model_loading import check_process_group, fit_length_to_positions, load_model_for_finetuning
 from .outputs import (
     CompleteCheckpoints,
+    add_training_subset,
     check_checkpoint,
     check_output_dir,
-    evaluation_sets,
     finish_run,
     prepare_run,
     resolve_checkpoint,
@@ -21,6 +21,7 @@ from .trainable import classifier_head_names, moe_parameter_names, router_parame
 from .trainers import MoeSFTConfig, MoeSFTTrainer, is_moe_model
 
 __all__ = [
+    "add_training_subset",
     "ClassificationDataArguments",
     "CompleteCheckpoints",
     "DataArguments",
@@ -33,7 +34,6 @@ __all__ = [
     "check_output_dir",
     "check_process_group",
     "classifier_head_names",
-    "evaluation_sets",
     "finish_run",
     "fit_length_to_positions",
     "is_moe_model",

@@ -73,7 +73,8 @@ class MoeArguments:
         metadata={"help": "fine-tune the dense model (no upcycling) with the same data, schedule and evaluation"},
     )
     train_eval_samples: int = field(
-        default=256, metadata={"help": "training examples also scored in eval mode (train/validation gap); 0 = none"}
+        default=256,
+        metadata={"help": "training sequences (after packing) also scored in eval mode, for the gap; 0 = none"},
     )
     early_stopping_patience: int = field(default=0, metadata={"help": "evaluations without improvement; 0 = off"})
     early_stopping_threshold: float = 0.0

@@ -201,14 +201,13 @@ def prepare_run(moe_args, training_args) -> tuple[str | None, str | None]:
     return checkpoint, hub_repo
 
 
-def evaluation_sets(data, moe_args) -> dict:
-    """Validation data and, for the overfitting gap, a fixed training subset scored in evaluation mode
-    (first, so the validation row of each evaluation logs the gap)."""
-    sets = {"validation": data["validation"]}
-    if moe_args.train_eval_samples > 0:
-        subset = data["train"].select(range(min(moe_args.train_eval_samples, len(data["train"]))))
-        sets = {"train_subset": subset, **sets}
-    return sets
+def add_training_subset(trainer, samples: int) -> None:
+    """Evaluate a fixed subset of the prepared training data (after tokenizing and packing: ``samples``
+    sequences) in evaluation mode alongside the validation data, for the overfitting gap. It goes first,
+    so the validation row of each evaluation logs the gap."""
+    if samples > 0:
+        subset = trainer.train_dataset.select(range(min(samples, len(trainer.train_dataset))))
+        trainer.eval_dataset = {"train_subset": subset, **trainer.eval_dataset}
 
 
 def finish_run(trainer, tokenizer, moe_args, data_args, *, task, auto_class, metric_names, hub_repo, base_on_disk=True):
