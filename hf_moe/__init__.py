@@ -6,7 +6,8 @@ architectures with transformers' Auto classes.
 
 from .modeling import *  # noqa: F403
 from .modeling import __all__ as _modeling_all
+from .compare import compare_runs
 from .upcycling import upcycle_checkpoint, upcycle_model
 
 __version__ = "0.1.0"
-__all__ = [*_modeling_all, "upcycle_checkpoint", "upcycle_model"]
+__all__ = [*_modeling_all, "compare_runs", "upcycle_checkpoint", "upcycle_model"]

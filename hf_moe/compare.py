@@ -9,6 +9,7 @@ time per step; without it the table falls back to ``loss`` / ``eval_loss``.
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,12 @@ class Run:
     def last(self, *keys: str) -> float | None:
         points = self.series(*keys)
         return points[-1][1] if points else None
+
+
+# Evaluation keys in order of preference: the hf_moe recipes evaluate a dict of datasets
+# ("validation", "train_subset"), so their keys carry the dataset name; a plain Trainer's do not.
+EVAL_LOSS_KEYS = ("eval_validation_task_loss", "eval_task_loss", "eval_validation_loss", "eval_loss")
+TRAIN_LOSS_KEYS = ("task_loss", "loss")
 
 
 def find_trainer_state(run_dir: Path) -> Path:
@@ -103,7 +110,7 @@ def comparison_table(runs: list[Run]) -> str:
     )
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
     for run in runs:
-        evaluations = run.series("eval_task_loss", "eval_loss")
+        evaluations = run.series(*EVAL_LOSS_KEYS)
         best = min(evaluations, key=lambda point: point[1]) if evaluations else None
         counts = parameter_counts(run)
         steps = max((row.get("step", 0) for row in run.log_history), default=0)
@@ -117,11 +124,11 @@ def comparison_table(runs: list[Run]) -> str:
                 [
                     run.name,
                     str(steps),
-                    format_value(run.last("task_loss", "loss")),
+                    format_value(run.last(*TRAIN_LOSS_KEYS)),
                     format_value(evaluations[-1][1] if evaluations else None),
                     f"{best[1]:.4g} ({best[0]})" if best else "–",
-                    format_value(run.last("eval_perplexity")),
-                    format_value(run.last("eval_gap"), 3),
+                    format_value(run.last("eval_validation_perplexity", "eval_perplexity")),
+                    format_value(run.last("eval_validation_gap", "eval_gap"), 3),
                     format_value(mean_seconds, 3),
                     format_value(mean_throughput, 4),
                     "–" if counts is None else f"{counts[0] / 1e6:.2f}M / {counts[1] / 1e6:.2f}M",
@@ -142,7 +149,7 @@ def plot_runs(runs: list[Run], path: Path) -> Path:
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     for index, run in enumerate(runs):
         colour = f"C{index % 10}"
-        for axis, keys in ((axes[0], ("task_loss", "loss")), (axes[1], ("eval_task_loss", "eval_loss"))):
+        for axis, keys in ((axes[0], TRAIN_LOSS_KEYS), (axes[1], EVAL_LOSS_KEYS)):
             points = run.series(*keys)
             if points:
                 axis.plot(
@@ -155,7 +162,7 @@ def plot_runs(runs: list[Run], path: Path) -> Path:
     axes[0].set_ylabel("loss (no router terms)")
     axes[1].legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=100, format="png")
     plt.close(figure)
     return path
 
@@ -165,6 +172,12 @@ def compare_runs(run_dirs: list[str | Path], output_dir: str | Path | None = Non
     ``comparison.md`` next to ``loss_curves.png``. Existing files are kept unless ``overwrite``."""
     if not run_dirs:
         raise ValueError("run_dirs must name at least one run folder, got none")
+    if output_dir is not None and not overwrite:
+        existing = [
+            Path(output_dir) / n for n in (COMPARISON_TABLE, COMPARISON_PLOT) if (Path(output_dir) / n).exists()
+        ]
+        if existing:
+            raise FileExistsError(f"output_dir: {existing[0]} exists; pass overwrite=True to replace it")
     runs = [load_run(d) for d in run_dirs]
     names = [run.name for run in runs]
     if len(set(names)) != len(names):  # folders of the same name in different places
@@ -172,11 +185,16 @@ def compare_runs(run_dirs: list[str | Path], output_dir: str | Path | None = Non
             run.name = str(run.path)
     table = comparison_table(runs)
     if output_dir is not None:
+        # Both files are written under temporary names first: a failure leaves no half-written comparison.
         output = Path(output_dir)
-        existing = [output / n for n in (COMPARISON_TABLE, COMPARISON_PLOT) if (output / n).exists()]
-        if existing and not overwrite:
-            raise FileExistsError(f"{existing[0]} exists; pass overwrite=True to replace it")
         output.mkdir(parents=True, exist_ok=True)
-        (output / COMPARISON_TABLE).write_text(table)
-        plot_runs(runs, output / COMPARISON_PLOT)
+        staged = {name: output / f".{name}.partial" for name in (COMPARISON_TABLE, COMPARISON_PLOT)}
+        try:
+            staged[COMPARISON_TABLE].write_text(table)
+            plot_runs(runs, staged[COMPARISON_PLOT])
+            for name, path in staged.items():
+                os.replace(path, output / name)
+        finally:
+            for path in staged.values():
+                path.unlink(missing_ok=True)
     return table
