@@ -4,9 +4,9 @@
 architectures with transformers' Auto classes.
 """
 
+from .compare import compare_runs
 from .modeling import *  # noqa: F403
 from .modeling import __all__ as _modeling_all
-from .compare import compare_runs
 from .upcycling import upcycle_checkpoint, upcycle_model
 
 __version__ = "0.1.0"
