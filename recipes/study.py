@@ -69,9 +69,9 @@ FULL = {
     "pretrain_steps": 300,
     "steps": 100,
     "dense_steps_factor": 1.6,
-    "eval_steps": 20,
+    "eval_steps": 25,
     "logging_steps": 5,
-    "train_eval_samples": 64,
+    "train_eval_samples": 48,
     "seeds": 3,
     "classes": 6,
     "train_per_class": 32,
@@ -116,6 +116,16 @@ def flags(settings: dict) -> list[str]:
     return argv
 
 
+def chunks(text: str, size: int) -> list[str]:
+    pieces, current = [], ""
+    for line in text.splitlines(keepends=True):
+        current += line
+        if len(current) >= size:
+            pieces.append(current)
+            current = ""
+    return pieces + ([current] if current.strip() else [])
+
+
 class Study:
     def __init__(self, output: Path, size: dict):
         self.output = output
@@ -123,12 +133,16 @@ class Study:
         self.data = output / "data"
         self.runs = output / "runs"
         self.report = output / "report"
+        self.dense = self.runs / "pretrain_dense"  # the dense start every comparison fine-tunes
 
     # ---- data -------------------------------------------------------------------------------
     def prepare_data(self) -> None:
         self.data.mkdir(parents=True, exist_ok=True)
         s = self.size
         train, validation = collect_stdlib_sources(s["train_chars"], s["validation_chars"])
+        # Training files cut into pieces of about 1,500 characters at line ends: the recipes' training subset
+        # (train_eval_samples, scored for the gap) counts examples, and a whole file packs into hundreds of blocks.
+        train = [piece for text in train for piece in chunks(text, 1500)]
         for name, texts in (("train", train), ("validation", validation)):
             with open(self.data / f"{name}.jsonl", "w") as f:
                 f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
@@ -458,11 +472,10 @@ def plot(path: Path, title: str, xlabel: str, ylabel: str, series: dict, markers
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 3.8))
-    for index, (label, (points, style)) in enumerate(series.items()):
+    for index, (label, (points, style, *colour)) in enumerate(series.items()):
         if points:
-            axes.plot(
-                *zip(*points, strict=True), style, color=f"C{index % 10}", label=label, marker="." if markers else None
-            )
+            colour = colour[0] if colour else f"C{index % 10}"
+            axes.plot(*zip(*points, strict=True), style, color=colour, label=label, marker="." if markers else None)
     axes.set_title(title)
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
@@ -554,8 +567,9 @@ def section_upcycling(study: Study, seeds: list[int], lines: list[str], results:
     plot_series = {}
     for seed in seeds:
         dense, moe = load_run(folder / f"dense_s{seed}"), load_run(folder / f"switch_s{seed}")
-        plot_series[f"dense s{seed}"] = (evaluations(dense), "--")
-        plot_series[f"switch MoE s{seed}"] = (evaluations(moe), "-")
+        style = ("-", "--", ":", "-.")[seed % 4]
+        plot_series[f"dense s{seed}"] = (evaluations(dense), style, "C0")
+        plot_series[f"switch MoE s{seed}"] = (evaluations(moe), style, "C1")
     plot(
         report / "upcycling_validation.png",
         "Upcycling vs dense continuation",
@@ -566,11 +580,12 @@ def section_upcycling(study: Study, seeds: list[int], lines: list[str], results:
     time_series = {}
     for seed in seeds:
         dense, moe = load_run(folder / f"dense_s{seed}"), load_run(folder / f"switch_s{seed}")
-        for name, run, style in (("dense", dense, "--"), ("switch MoE", moe, "-")):
+        for name, run, colour in (("dense", dense, "C0"), ("switch MoE", moe, "C1")):
             clock = cumulative_seconds(run)
             time_series[f"{name} s{seed}"] = (
                 [(interpolate(clock, st), v) for st, v in evaluations(run) if interpolate(clock, st) is not None],
-                style,
+                ("-", "--", ":", "-.")[seed % 4],
+                colour,
             )
     plot(
         report / "upcycling_time.png",
