@@ -140,8 +140,8 @@ class Study:
         self.data.mkdir(parents=True, exist_ok=True)
         s = self.size
         train, validation = collect_stdlib_sources(s["train_chars"], s["validation_chars"])
-        # Training files cut into pieces of about 1,500 characters at line ends: the recipes' training subset
-        # (train_eval_samples, scored for the gap) counts examples, and a whole file packs into hundreds of blocks.
+        # Training files cut into pieces of about 1,500 characters at line ends, so that the training subset scored
+        # for the gap (train_eval_samples) spans many files rather than the blocks of one or two whole files.
         train = [piece for text in train for piece in chunks(text, 1500)]
         for name, texts in (("train", train), ("validation", validation)):
             with open(self.data / f"{name}.jsonl", "w") as f:
