@@ -4,6 +4,7 @@
 architectures with transformers' Auto classes.
 """
 
+from .compare import compare_runs
 from .modeling import *  # noqa: F403
 from .modeling import __all__ as _modeling_all
 from .modeling.configuration_moe import HF_MOE_VERSION as __version__
@@ -12,6 +13,7 @@ from .upcycling import export_checkpoint, import_checkpoint, upcycle_checkpoint,
 __all__ = [
     *_modeling_all,
     "__version__",
+    "compare_runs",
     "export_checkpoint",
     "import_checkpoint",
     "upcycle_checkpoint",

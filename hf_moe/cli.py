@@ -3,6 +3,7 @@
     hf-moe upcycle SOURCE OUTPUT_DIR --routing switch --num-experts 8 --top-k 2 --verify
     hf-moe export MOE_DIR OUTPUT_DIR        # hf_moe -> native transformers MoE (qwen3_moe, mixtral, ...)
     hf-moe import NATIVE_DIR OUTPUT_DIR     # native MoE -> hf_moe
+    hf-moe compare RUN_DIR [RUN_DIR ...] --output comparison/
 
 A subcommand is a function ``add_<name>_parser(subparsers)`` that registers its arguments and
 sets ``handler``; `main` dispatches to it and turns user errors into a message and exit status.
@@ -372,6 +373,43 @@ def run_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_compare_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "compare",
+        help="overlay the loss curves and tabulate the final metrics of fine-tuning runs",
+        description=(
+            "Compare transformers Trainer / TRL runs (their output_dir, or one of its checkpoint-* folders): final and "
+            "best evaluation loss, perplexity, train/validation gap, time per step, tokens per second and total / "
+            "active parameters, as a Markdown table; with --output also comparison.md and loss_curves.png there."
+        ),
+    )
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output_dir of a Trainer run")
+    parser.add_argument(
+        "--output", default=None, help="folder for comparison.md and loss_curves.png (default: print only)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace comparison.md / loss_curves.png in --output")
+    parser.set_defaults(handler=run_compare, flag_names=flag_names(parser))
+    return parser
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .compare import COMPARISON_PLOT, COMPARISON_TABLE, compare_runs
+
+    for run_dir in args.run_dirs:
+        if not Path(run_dir).is_dir():
+            raise FileNotFoundError(f"RUN_DIR {run_dir}: no such folder")
+    if args.output is not None and not args.overwrite:
+        for name in (COMPARISON_TABLE, COMPARISON_PLOT):
+            if (Path(args.output) / name).exists():
+                raise FileExistsError(f"--output {args.output} already holds {name}; pass --overwrite to replace it")
+    print(compare_runs(args.run_dirs, args.output, overwrite=args.overwrite), end="")
+    if args.output is not None:
+        print(f"Wrote {Path(args.output) / COMPARISON_TABLE} and {Path(args.output) / COMPARISON_PLOT}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-moe", description="hf_moe: sparse Mixture-of-Experts for Hugging Face transformers"
@@ -380,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_upcycle_parser(subparsers)
     add_export_parser(subparsers)
     add_import_parser(subparsers)
+    add_compare_parser(subparsers)
     return parser
 
 

@@ -10,7 +10,8 @@ training and validation by file.
 1. Train a byte-level BPE tokenizer and a small dense llama causal LM on the training files.
 2. Upcycle it on the fly into a ``switch_moe`` model and fine-tune it through the CLM recipe
    (``recipes/finetune_clm.py``, TRL's SFTTrainer, under ``accelerate launch``; settings in
-   ``recipes/configs/demo_switch.yaml``): router z-loss, expert dropout 0.4, backbone dropout 0.1.
+   ``recipes/configs/demo_switch.yaml``): router z-loss, no dropout (nothing overfits in under
+   one epoch; docs/study.md has the evidence).
    Then the dense control: the same recipe with ``--dense_control true`` fine-tunes the dense model
    with the same data, schedule and evaluation (``--no_dense_control`` skips it).
    Every expert is a copy of the dense MLP and the top-2 gates are renormalised, so the
