@@ -218,12 +218,7 @@ def upcycle_checkpoint(
     )
     target_dtype = _parse_dtype(dtype)
     shard_bytes = _parse_size(max_shard_size)
-    output_dir = _real_output_dir(output_dir)
-    clear_stale_staging(output_dir)
-    _check_output_dir(output_dir, overwrite)
-    folder, origin = resolve_source(source, revision)
-    if folder == output_dir or output_dir in folder.parents:
-        raise ValueError(f"output_dir={str(output_dir)!r} must not be or contain source={str(folder)!r}")
+    folder, origin, output_dir = resolve_paths(source, output_dir, overwrite, revision)
     tokenizer_code = _tokenizer_remote_code(folder, allow_tokenizer_remote_code)
 
     text_config = load_dense_config(folder)
@@ -278,6 +273,20 @@ def upcycle_checkpoint(
                 config.save_pretrained(staging)
             (staging / "README.md").write_text(upcycled_model_card(plan, output_dir.name))
     return output_dir
+
+
+def resolve_paths(source, output_dir, overwrite: bool, revision: str | None) -> tuple[Path, dict, Path]:
+    """The rules every conversion (upcycle, export, import) applies before it reads a weight:
+    symlinks resolved (a symlinked output refused), staging folders of dead conversions removed,
+    a non-empty output kept unless ``overwrite``, and the output neither the source nor inside it.
+    Returns the source folder, its provenance and the output directory."""
+    output_dir = _real_output_dir(output_dir)
+    clear_stale_staging(output_dir)
+    _check_output_dir(output_dir, overwrite)
+    folder, origin = resolve_source(source, revision)
+    if folder == output_dir or output_dir in folder.parents:
+        raise ValueError(f"output_dir={str(output_dir)!r} must not be or contain source={str(folder)!r}")
+    return folder, origin, output_dir
 
 
 def resolve_source(source, revision: str | None) -> tuple[Path, dict]:

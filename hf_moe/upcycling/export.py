@@ -23,14 +23,11 @@ from ..modeling import SwitchMoeConfig
 from ..modeling.configuration_moe import HF_MOE_VERSION
 from .convert import (
     _check_disk_space,
-    _check_output_dir,
     _parse_size,
-    _real_output_dir,
     _write_metadata,
-    clear_stale_staging,
     copy_data_files,
     load_dense_config,
-    resolve_source,
+    resolve_paths,
     staged_output,
     staging_prefix,
 )
@@ -81,12 +78,8 @@ def export_checkpoint(
     Returns:
         The output directory.
     """
-    output_dir = _real_output_dir(output_dir)
-    clear_stale_staging(output_dir)
     shard_bytes = _parse_size(max_shard_size)
-    _check_output_dir(output_dir, overwrite)
-    folder, origin = resolve_source(source, revision)
-    _check_not_inside(folder, output_dir)
+    folder, origin, output_dir = resolve_paths(source, output_dir, overwrite, revision)
     config = _load_config(folder, HF_MOE_TYPES, "an hf_moe checkpoint (switch_moe or expert_choice_moe)")
     return _export(folder, origin, config, output_dir, shard_bytes, verify, overwrite, progress)
 
@@ -110,12 +103,8 @@ def import_checkpoint(
     refused with a ValueError before anything is written. Arguments as in `export_checkpoint`;
     the report is stored under ``imported.verification`` in config.json.
     """
-    output_dir = _real_output_dir(output_dir)
-    clear_stale_staging(output_dir)
     shard_bytes = _parse_size(max_shard_size)
-    _check_output_dir(output_dir, overwrite)
-    folder, origin = resolve_source(source, revision)
-    _check_not_inside(folder, output_dir)
+    folder, origin, output_dir = resolve_paths(source, output_dir, overwrite, revision)
     native = _load_config(folder, tuple(FAMILIES_BY_NATIVE), "a native MoE checkpoint")
     family = FAMILIES_BY_NATIVE[native.model_type]
     head = head_of((native.architectures or [family.class_name(1)])[0])
@@ -191,12 +180,8 @@ def upcycle_to_native(
     dtype = options.pop("dtype", None)
     settings_options = {k: options.pop(k) for k in list(options) if k in UpcyclingSettings.__dataclass_fields__}
     settings = UpcyclingSettings(**settings_options, config_overrides=options)
-    output_dir = _real_output_dir(output_dir)
-    clear_stale_staging(output_dir)
     shard_bytes = _parse_size(max_shard_size)
-    _check_output_dir(output_dir, overwrite)
-    folder, origin = resolve_source(source, revision)
-    _check_not_inside(folder, output_dir)
+    folder, origin, output_dir = resolve_paths(source, output_dir, overwrite, revision)
     text_config = load_dense_config(folder)
     head = head_of((text_config.architectures or ["ForCausalLM"])[0])
     problems = export_problems(settings.build_config(text_config), head, flags=True)
@@ -325,11 +310,6 @@ def _raise_mismatch(model_type: str, missing: list[str], unexpected: list[str], 
     problems += bad_shapes[:10]
     if problems:
         raise ValueError("The checkpoint does not match its config:\n  - " + "\n  - ".join(problems))
-
-
-def _check_not_inside(folder: Path, output_dir: Path) -> None:
-    if folder == output_dir or output_dir in folder.parents:
-        raise ValueError(f"OUTPUT_DIR {str(output_dir)!r} must not be or contain SOURCE {str(folder)!r}")
 
 
 def _load_config(folder: Path, model_types: tuple[str, ...], what: str):
