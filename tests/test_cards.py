@@ -5,6 +5,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 import hf_moe.cards as cards
 from hf_moe.cards import format_count, render_model_card
+from hf_moe.modeling.configuration_moe import HF_MOE_VERSION, SUPPORTED_TRANSFORMERS
 
 
 @pytest.fixture
@@ -43,3 +44,17 @@ def test_the_shipped_templates_are_package_data(name):
 @pytest.mark.parametrize("count, text", [(999, "999"), (43_550, "43.55K"), (7_241_732_096, "7.24B")])
 def test_format_count(count, text):
     assert format_count(count) == text
+
+
+@pytest.mark.parametrize("name", ["upcycled", "finetuned", "imported"])
+def test_cards_of_checkpoints_with_our_code_name_its_version_and_transformers_range(name):
+    text = cards.read_template(name)
+    assert "{{ hf_moe_version }}" in text and "{{ supported_transformers }}" in text
+
+
+def test_every_template_can_use_the_version_and_range_without_passing_them(templates):
+    (templates / "versioned.md").write_text(
+        "---\n{{ card_data }}\n---\n\nhf_moe {{ hf_moe_version }}, transformers {{ supported_transformers }}\n"
+    )
+    text = render_model_card("versioned")
+    assert f"hf_moe {HF_MOE_VERSION}, transformers {SUPPORTED_TRANSFORMERS}" in text
