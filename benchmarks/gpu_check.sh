@@ -7,7 +7,8 @@
 #    exactness of copied experts, causality (tests/modeling/test_on_device.py --device cuda);
 # 2. the layer benchmark at the issue's GPU sizes (bf16, 16384 tokens, hidden 2048, intermediate 5632,
 #    8 and 64 experts) against the dense reference and transformers' grouped_mm Mixtral block;
-# 3. the model benchmark on CUDA: training throughput and decode latency against the dense backbone.
+# 3. the model benchmark on CUDA: training throughput and decode latency against the dense backbone;
+# 4. one short FSDP2 run of the causal-LM recipe under `accelerate launch` (recipes/accelerate/fsdp2.yaml).
 #
 # Each step has its own time limit and log; a failing step does not stop the later ones. The last
 # lines of summary.txt give each step's exit status (0 = passed; 124 = ran past its limit).
@@ -24,11 +25,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-# hf_moe's package metadata (the upcycler records its version); the code itself runs from this checkout.
-VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
-mkdir -p "/tmp/hf_moe_meta/hf_moe-$VERSION.dist-info"
-printf 'Metadata-Version: 2.1\nName: hf-moe\nVersion: %s\n' "$VERSION" >"/tmp/hf_moe_meta/hf_moe-$VERSION.dist-info/METADATA"
-export PYTHONPATH=$PWD:${PYTHONPATH:+$PYTHONPATH:}/tmp/hf_moe_meta
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # hf_moe runs from this checkout
 
 {
     date -u
@@ -55,3 +52,4 @@ step tests_cuda 240 "$PYTHON" -m pytest tests/modeling/test_on_device.py --devic
 step bench_layer_cuda 300 "$PYTHON" benchmarks/bench_layer.py --device cuda --dtype bfloat16 \
     --tokens 16384 --hidden 2048 --intermediate 5632 --experts 8 64
 step bench_model_cuda 240 "$PYTHON" benchmarks/bench_model.py --device cuda
+step fsdp2_recipe 240 "$PYTHON" -m pytest tests/recipes/test_launch.py -k fsdp2_trains_and_saves -q -rs -p no:cacheprovider
