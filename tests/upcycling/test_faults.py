@@ -95,6 +95,9 @@ class _Namespace:
 
 
 def _convert_in_child(point, ready, argv):
+    # A forked child inherits the parent's OpenMP thread pool in a broken state: once the parent has
+    # run parallel torch ops (earlier tests), a parallel op in the child hangs. One thread avoids it.
+    torch.set_num_threads(1)
     _pause_at(point, ready)
     sys.exit(main(argv))
 
@@ -170,6 +173,7 @@ def test_a_live_conversion_is_reported_with_the_command_to_remove_its_folder(sou
 
 
 def _convert_after(barrier, argv):
+    torch.set_num_threads(1)  # see _convert_in_child
     barrier.wait(30)
     sys.exit(main(argv))
 
