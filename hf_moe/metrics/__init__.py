@@ -8,7 +8,7 @@ import os
 import evaluate
 
 METRICS_DIR = os.path.dirname(os.path.abspath(__file__))
-METRIC_NAMES = ("accuracy", "f1", "perplexity")
+METRIC_NAMES = ("accuracy", "f1")
 
 
 def load_metric(name: str, **kwargs) -> evaluate.EvaluationModule:

@@ -1,7 +1,5 @@
 """The evaluate metric modules shipped inside hf_moe load offline and compute the right values."""
 
-import math
-
 import pytest
 
 from hf_moe.metrics import load_metric
@@ -21,14 +19,6 @@ def test_f1_binary_and_macro():
     )
 
 
-def test_perplexity_is_token_weighted():
-    metric = load_metric("perplexity")
-    metric.add_batch(nll_sum=[6.0, 2.0], num_tokens=[3, 1])
-    metric.add_batch(nll_sum=[4.0], num_tokens=[2])
-    result = metric.compute()
-    assert result["loss"] == pytest.approx(2.0) and result["perplexity"] == pytest.approx(math.exp(2.0))
-
-
 def test_unknown_metric_names_the_choices():
-    with pytest.raises(ValueError, match=r"metric must be one of \['accuracy', 'f1', 'perplexity'\], got 'bleu'"):
+    with pytest.raises(ValueError, match=r"metric must be one of \['accuracy', 'f1'\], got 'bleu'"):
         load_metric("bleu")
