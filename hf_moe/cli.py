@@ -11,6 +11,7 @@ sets ``handler``; `main` dispatches to it and turns user errors into a message a
 
 import argparse
 import json
+import math
 import re
 import sys
 import warnings
@@ -39,13 +40,24 @@ def _moe_layers(text: str):
         ) from None
 
 
+def _finite_float(text: str) -> float:
+    """A number option: ``float`` would also take nan and inf, which pass every range check."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _optional_float(text: str):
     if text.lower() == "none":
         return None
     try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+        return _finite_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a finite number or 'none', got {text!r}") from None
 
 
 # MoE config fields exposed as flags: (flag, config field, type, help). Only flags given on the
@@ -75,18 +87,23 @@ CONFIG_FLAGS = (
     (
         "--router-jitter-noise",
         "router_jitter_noise",
-        float,
+        _finite_float,
         "switch: multiplicative router-input jitter epsilon, training only (default 0)",
     ),
-    ("--router-aux-loss-coef", "router_aux_loss_coef", float, "switch: load-balancing loss coefficient (default 0.01)"),
-    ("--router-z-loss-coef", "router_z_loss_coef", float, "router z-loss coefficient (default 0.001)"),
+    (
+        "--router-aux-loss-coef",
+        "router_aux_loss_coef",
+        _finite_float,
+        "switch: load-balancing loss coefficient (default 0.01)",
+    ),
+    ("--router-z-loss-coef", "router_z_loss_coef", _finite_float, "router z-loss coefficient (default 0.001)"),
     (
         "--expert-dropout",
         "expert_dropout",
-        float,
+        _finite_float,
         "dropout on the experts' hidden activation, training only (default 0; Switch fine-tuning uses 0.4)",
     ),
-    ("--router-init-std", "router_init_std", float, "std of the routers' normal initialisation (default 0.02)"),
+    ("--router-init-std", "router_init_std", _finite_float, "std of the routers' normal initialisation (default 0.02)"),
     (
         "--inference-routing",
         "inference_routing",
@@ -96,7 +113,7 @@ CONFIG_FLAGS = (
     (
         "--threshold-ema-decay",
         "threshold_ema_decay",
-        float,
+        _finite_float,
         "expert_choice: decay of the running score thresholds (default 0.99)",
     ),
 )
@@ -146,13 +163,13 @@ def configure_upcycle_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--noise-std",
-        type=float,
+        type=_finite_float,
         default=None,
         help=f"--expert-init noise: noise std relative to each weight matrix's std (default {DEFAULT_NOISE_STD})",
     )
     parser.add_argument(
         "--drop-ratio",
-        type=float,
+        type=_finite_float,
         default=None,
         help="--expert-init drop: fraction of intermediate neurons re-initialised per expert (default 0.5)",
     )

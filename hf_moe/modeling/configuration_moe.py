@@ -8,6 +8,8 @@ Defaults follow Fedus et al. 2021, "Switch Transformers" (eq. 2-4, Table 4) and 
 This file is copied next to saved checkpoints for ``trust_remote_code``: relative imports only.
 """
 
+import math
+
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
@@ -102,12 +104,9 @@ class MoeConfig(PreTrainedConfig):
                 problems.append("moe_layers must name at least one layer, got []")
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
             problems.append(f"num_experts must be an integer >= 1, got {self.num_experts!r}")
-        for name in ("router_z_loss_coef", "router_init_std"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
-                problems.append(f"{name} must be a number >= 0, got {value!r}")
-        if not isinstance(self.expert_dropout, (int, float)) or not 0 <= self.expert_dropout < 1:
-            problems.append(f"expert_dropout must be in [0, 1), got {self.expert_dropout!r}")
+        problems += _check_number("router_z_loss_coef", self.router_z_loss_coef, ">= 0", lambda v: v >= 0)
+        problems += _check_number("router_init_std", self.router_init_std, ">= 0", lambda v: v >= 0)
+        problems += _check_number("expert_dropout", self.expert_dropout, "in [0, 1)", lambda v: 0 <= v < 1)
         return problems
 
     def _finish(self, problems: list[str]) -> None:
@@ -116,13 +115,19 @@ class MoeConfig(PreTrainedConfig):
         self.moe_layers = resolve_moe_layers(self.moe_layers, self.text_config.num_hidden_layers)
 
 
-def _check_capacity(name: str, value, allow_none: bool) -> list[str]:
+def _check_number(name: str, value, allowed: str, in_range, allow_none: bool = False) -> list[str]:
+    """``name must be a finite number <allowed>, got <value>`` unless ``value`` is one (nan and inf
+    fail every range comparison's intent: ``nan < 0`` is False)."""
     if value is None and allow_none:
         return []
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        allowed = "a number > 0 or None (dropless)" if allow_none else "a number > 0"
-        return [f"{name} must be {allowed}, got {value!r}"]
+    finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not finite or not in_range(value):
+        return [f"{name} must be a finite number {allowed}, got {value!r}"]
     return []
+
+
+def _check_capacity(name: str, value, allow_none: bool) -> list[str]:
+    return _check_number(name, value, "> 0 or None (dropless)" if allow_none else "> 0", lambda v: v > 0, allow_none)
 
 
 class SwitchMoeConfig(MoeConfig):
@@ -167,10 +172,8 @@ class SwitchMoeConfig(MoeConfig):
             problems.append(f"norm_topk_prob must be True or False, got {self.norm_topk_prob!r}")
         problems += _check_capacity("capacity_factor", self.capacity_factor, allow_none=True)
         problems += _check_capacity("eval_capacity_factor", self.eval_capacity_factor, allow_none=True)
-        if not isinstance(self.router_jitter_noise, (int, float)) or not 0 <= self.router_jitter_noise < 1:
-            problems.append(f"router_jitter_noise must be in [0, 1), got {self.router_jitter_noise!r}")
-        if not isinstance(self.router_aux_loss_coef, (int, float)) or self.router_aux_loss_coef < 0:
-            problems.append(f"router_aux_loss_coef must be a number >= 0, got {self.router_aux_loss_coef!r}")
+        problems += _check_number("router_jitter_noise", self.router_jitter_noise, "in [0, 1)", lambda v: 0 <= v < 1)
+        problems += _check_number("router_aux_loss_coef", self.router_aux_loss_coef, ">= 0", lambda v: v >= 0)
         self._finish(problems)
 
 
@@ -205,6 +208,5 @@ class ExpertChoiceMoeConfig(MoeConfig):
             problems.append(
                 f"inference_routing must be one of {list(INFERENCE_ROUTINGS)} or None, got {self.inference_routing!r}"
             )
-        if not isinstance(self.threshold_ema_decay, (int, float)) or not 0 <= self.threshold_ema_decay < 1:
-            problems.append(f"threshold_ema_decay must be in [0, 1), got {self.threshold_ema_decay!r}")
+        problems += _check_number("threshold_ema_decay", self.threshold_ema_decay, "in [0, 1)", lambda v: 0 <= v < 1)
         self._finish(problems)

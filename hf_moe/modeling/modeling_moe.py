@@ -442,7 +442,9 @@ def _check_moe_weights(model: MoePreTrainedModel, info: dict) -> None:
     missing = {k for k in info["missing_keys"] if MOE_WEIGHT.search(k)}
     unexpected = {k for k in info["unexpected_keys"] if MOE_WEIGHT.search(k)}
     # (name, checkpoint shape, model shape); dim 0 of expert and router weights is the expert count
-    mismatched = sorted((k, tuple(ckpt)) for k, ckpt, _ in info["mismatched_keys"] if MOE_WEIGHT.search(k))
+    mismatched = sorted(
+        (k, tuple(ckpt), tuple(own)) for k, ckpt, own in info["mismatched_keys"] if MOE_WEIGHT.search(k)
+    )
     if not (missing or unexpected or mismatched):
         return
     layers_missing = {int(MOE_WEIGHT.search(k)[1]) for k in missing}
@@ -453,15 +455,20 @@ def _check_moe_weights(model: MoePreTrainedModel, info: dict) -> None:
         problems.append(
             f"config moe_layers={list(config.moe_layers)}, but the weights have MoE blocks in layers {weight_layers}"
         )
-    if mismatched:
-        name, shape = mismatched[0]
+    experts = [(k, ckpt) for k, ckpt, own in mismatched if ckpt[0] != own[0]]
+    if experts:
+        name, shape = experts[0]
         problems.append(
             f"config num_experts={config.num_experts}, but the weights have {shape[0]} experts "
             f"({name} is {list(shape)})"
         )
+    elif mismatched:  # same expert count: the dense sizes (hidden_size, intermediate_size, ...) differ
+        name, shape, own = mismatched[0]
+        problems.append(f"{name} is {list(shape)} in the checkpoint, the config implies {list(own)}")
     raise ValueError(
         "The checkpoint's config does not match its weights: " + "; ".join(problems) + ". Loading would "
-        "initialise those MoE layers randomly; fix config.json (moe_layers, num_experts) to describe the weights"
+        "initialise those MoE layers randomly; fix config.json (moe_layers, num_experts, text_config) to describe "
+        "the weights"
     )
 
 

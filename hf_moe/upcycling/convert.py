@@ -28,10 +28,11 @@ from transformers.utils.hub import convert_file_size_to_int
 from ..cards import upcycled_model_card
 from ..modeling.configuration_moe import HF_MOE_VERSION
 from .settings import DEFAULT_NOISE_STD, UpcyclingSettings
-from .streaming import DenseCheckpoint, file_sha256, write_sharded_safetensors
+from .streaming import DenseCheckpoint, check_finite, file_sha256, write_sharded_safetensors
 from .verify import VerificationError, verify_conversion
 from .weights import (
     check_dtypes,
+    check_layer_count,
     check_model_type,
     check_shapes,
     head_of,
@@ -63,6 +64,7 @@ DATA_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".bpe")
 # "unfinished" while a conversion writes, "replaced" for the previous output during --overwrite.
 # The host and pid tell a later run whether the conversion that made one is still alive.
 STAGING_TAG = "hf-moe-upcycle"
+NEW_OUTPUT_MARKER = f".{STAGING_TAG}-new-output"  # in a replaced folder: the identity of the new output
 HOST = re.sub(r"[^\w-]", "-", socket.gethostname()) or "localhost"
 HUB_IGNORE_PATTERNS = ("*.h5", "*.msgpack", "*.onnx", "*.gguf", "*.tflite", "*.ot", "original/*", "consolidated*")
 FORMATS = ("hf_moe", "native")
@@ -119,7 +121,7 @@ def upcycle_model(
     outputs = output_tensors(plan, lambda dense_name: state[mapping[dense_name]].dtype, None)
 
     def read(dense_name: str) -> torch.Tensor:
-        return state[mapping[dense_name]].detach().clone()
+        return check_finite(state[mapping[dense_name]].detach().clone(), mapping[dense_name], "the dense model")
 
     tensors = {
         out.name: materialize(produce(t, out, read, settings, config), out)
@@ -232,15 +234,16 @@ def upcycle_checkpoint(
     if tokenizer_code:
         record["tokenizer_remote_code_not_copied"] = tokenizer_code
     config = settings.build_config(text_config, upcycling=record)
-    plan = plan_conversion(config, head)
 
     with DenseCheckpoint(folder) as checkpoint:
+        check_layer_count(text_config, checkpoint.keys(), folder)
+        plan = plan_conversion(config, head)
         mapping = match_source_names(plan, checkpoint.keys())
         check_shapes(plan, checkpoint.shape, mapping)
         check_dtypes(plan, checkpoint.dtype, mapping)
         outputs = output_tensors(plan, lambda dense_name: checkpoint.dtype(mapping[dense_name]), target_dtype)
         total_bytes = sum(out.nbytes for out in outputs)
-        _check_disk_space(output_dir.parent, total_bytes)
+        _check_disk_space(output_dir, total_bytes)
         if origin["revision"] is None:
             record["source_sha256"] = {name: file_sha256(folder / name) for name in checkpoint.files}
         config.upcycling = record
@@ -286,6 +289,11 @@ def resolve_paths(source, output_dir, overwrite: bool, revision: str | None) -> 
     folder, origin = resolve_source(source, revision)
     if folder == output_dir or output_dir in folder.parents:
         raise ValueError(f"output_dir={str(output_dir)!r} must not be or contain source={str(folder)!r}")
+    if folder in output_dir.parents:
+        raise ValueError(
+            f"output_dir={str(output_dir)!r} must not be inside source={str(folder)!r}: the source is only read; "
+            "write the converted checkpoint next to it"
+        )
     return folder, origin, output_dir
 
 
@@ -346,7 +354,7 @@ def _parse_dtype(dtype) -> torch.dtype | None:
 def _parse_size(size) -> int:
     try:
         value = convert_file_size_to_int(size)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, AttributeError):  # AttributeError: a float such as nan
         value = None
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(
@@ -382,8 +390,18 @@ def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
         raise FileExistsError(f"output_dir={str(output_dir)!r} is not empty; pass overwrite=True to replace it")
 
 
-def _check_disk_space(folder: Path, needed: int) -> None:
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), folder)
+def _check_disk_space(output_dir: Path, needed: int) -> None:
+    """Refuse an output that cannot be written, or whose disk lacks ``needed`` bytes, before writing."""
+    existing = next((p for p in output_dir.parents if p.exists()), output_dir.parent)
+    problem = None
+    if not existing.is_dir():
+        problem = f"{str(existing)!r} is not a directory"
+    elif os.statvfs(existing).f_blocks == 0:  # /proc, /sys: they report 0 bytes free of 0
+        problem = f"{str(existing)!r} is on a pseudo-filesystem (such as /proc or /sys) that stores no files"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"no permission to create folders in {str(existing)!r}"
+    if problem:
+        raise PermissionError(f"output_dir={str(output_dir)!r} cannot be written: {problem}")
     free = shutil.disk_usage(existing).free
     if needed > free:
         raise OSError(
@@ -433,17 +451,60 @@ def clear_stale_staging(output_dir: Path) -> None:
                 f"its {state} folder {str(path)!r} exists. Wait for it to finish or, if it is not running, "
                 f"remove the folder: rm -rf {shlex.quote(str(path))}"
             )
-        previous = path / output_dir.name  # a replaced folder holds the previous output under its own name
-        if state == "replaced" and previous.is_dir() and not output_dir.exists():
-            os.rename(previous, output_dir)
-            path.rmdir()
-            logger.warning(f"Restored {output_dir} from {path.name}, left by a conversion (pid {pid}) that died")
-        else:
-            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+        if state == "unfinished":
             shutil.rmtree(path)
             logger.warning(
                 f"Removed {path} ({format_bytes(size)}), left by a conversion (pid {pid}) that did not finish"
             )
+        elif _settle_replaced(path, output_dir, f"a conversion (pid {pid}) that died during overwrite"):
+            logger.warning(f"Restored {output_dir} from {path.name}, left by a conversion (pid {pid}) that died")
+        else:
+            logger.warning(
+                f"Removed {path} ({format_bytes(size)}): the output it held was replaced by a conversion "
+                f"(pid {pid}) that published its new output and died before removing the old one"
+            )
+
+
+def _folder_id(path: Path) -> str:
+    """What stays the same when a folder is renamed, and differs for a folder made anew."""
+    info = path.stat()
+    return f"{info.st_dev}:{info.st_ino}"
+
+
+def _settle_replaced(replaced: Path, output_dir: Path, by: str) -> bool:
+    """Put the previous output held in ``replaced`` back, unless the new output is in place.
+
+    ``replaced`` holds the previous output under its own name and NEW_OUTPUT_MARKER, the identity
+    of the folder meant to replace it. Only that folder, in place at ``output_dir``, makes the
+    previous output obsolete; a missing or empty ``output_dir`` (``mkdir -p`` in a script) gets the
+    previous output back, and any other content there is refused with both paths named.
+    Returns True when the previous output was restored, False when ``replaced`` was removed.
+    """
+    previous = replaced / output_dir.name
+    marker = replaced / NEW_OUTPUT_MARKER
+    published = (
+        previous.is_dir()
+        and marker.is_file()
+        and output_dir.is_dir()
+        and not output_dir.is_symlink()
+        and _folder_id(output_dir) == marker.read_text()
+    )
+    if not previous.is_dir() or published:
+        shutil.rmtree(replaced)
+        return False
+    if output_dir.is_dir() and not output_dir.is_symlink() and not any(output_dir.iterdir()):
+        output_dir.rmdir()
+    if output_dir.exists() or output_dir.is_symlink():
+        found = sorted(p.name for p in output_dir.iterdir())[:5] if output_dir.is_dir() else []
+        raise FileExistsError(
+            f"output_dir={str(output_dir)!r} holds other files ({found or 'not a folder'}), and the previous "
+            f"output, moved aside by {by}, is in {str(previous)!r}. Move those files away to get the previous "
+            f"output back on the next run, or drop it: rm -rf {shlex.quote(str(replaced))}"
+        )
+    os.rename(previous, output_dir)
+    shutil.rmtree(replaced)
+    return True
 
 
 def _tokenizer_remote_code(folder: Path, allowed: bool) -> dict | None:
@@ -484,14 +545,24 @@ def _write_metadata(staging: Path, plan, source_folder: Path) -> None:
 
 def copy_data_files(source_folder: Path, staging: Path) -> None:
     """The tokenizer, generation config and chat template files of the source: data files only,
-    never code (a ``*.py`` beside a tokenizer would run under ``trust_remote_code``)."""
-    skipped = []
+    never code (a ``*.py`` beside a tokenizer would run under ``trust_remote_code``), and only files
+    whose real path is inside the source (a ``vocab.txt`` linked to ``~/.ssh/id_rsa`` would be
+    published with the model)."""
+    roots = source_roots(source_folder)
+    skipped, outside = [], []
+
+    def copy(path: Path, destination: Path) -> None:
+        if not any(path.resolve().is_relative_to(root) for root in roots):
+            outside.append(f"{path.relative_to(source_folder)} -> {path.resolve()}")
+        else:
+            shutil.copyfile(path, destination)
+
     for pattern in COPIED_FILE_PATTERNS:
         for path in source_folder.glob(pattern):
             if not path.is_file() or (staging / path.name).exists():
                 continue
             if path.suffix in DATA_SUFFIXES:
-                shutil.copyfile(path, staging / path.name)
+                copy(path, staging / path.name)
             else:
                 skipped.append(path.name)
     templates = source_folder / "additional_chat_templates"
@@ -499,9 +570,22 @@ def copy_data_files(source_folder: Path, staging: Path) -> None:
         (staging / templates.name).mkdir()
         for path in templates.glob("*.jinja"):
             if path.is_file():
-                shutil.copyfile(path, staging / templates.name / path.name)
+                copy(path, staging / templates.name / path.name)
     if skipped:
         logger.warning(f"Not copied from the source (not tokenizer or generation data): {sorted(skipped)}")
+    if outside:
+        logger.warning(f"Not copied from the source (links out of the source folder): {sorted(outside)}")
+
+
+def source_roots(source_folder: Path) -> tuple[Path, ...]:
+    """Where the real files of a source may live: the folder itself and, for a snapshot in the Hub
+    cache (``models--org--name/snapshots/<revision>``, whose files link to ``../../blobs/<hash>``),
+    the ``blobs`` folder of that same repository."""
+    folder = source_folder.resolve()
+    roots = [folder]
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        roots.append(folder.parent.parent / "blobs")
+    return tuple(roots)
 
 
 def _publish(staging: Path, output_dir: Path, overwrite: bool) -> None:
@@ -516,15 +600,13 @@ def _publish(staging: Path, output_dir: Path, overwrite: bool) -> None:
                 "overwrite=True to replace it"
             )
         replaced = Path(tempfile.mkdtemp(prefix=staging_prefix(output_dir, "replaced"), dir=output_dir.parent))
-        previous = replaced / output_dir.name
+        (replaced / NEW_OUTPUT_MARKER).write_text(_folder_id(staging))  # what a later run compares with
         try:
-            os.rename(output_dir, previous)
+            os.rename(output_dir, replaced / output_dir.name)
             os.rename(staging, output_dir)
         except BaseException:  # Ctrl-C included: put the previous output back unless the new one is in place
-            if not output_dir.exists() and previous.exists():
-                os.rename(previous, output_dir)
-            if output_dir.exists():
-                shutil.rmtree(replaced, ignore_errors=True)
+            with contextlib.suppress(OSError):  # if it cannot be settled now, the next run does it
+                _settle_replaced(replaced, output_dir, "this conversion")
             raise
         shutil.rmtree(replaced)
         return

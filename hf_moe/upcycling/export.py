@@ -44,7 +44,7 @@ from .native import (
 from .settings import UpcyclingSettings
 from .streaming import DenseCheckpoint, OutputTensor, write_sharded_safetensors
 from .verify import TOLERANCE, VERIFY_SEQ_LEN, VerificationError, relative_deviation
-from .weights import head_of, plan_conversion
+from .weights import check_floating, check_layer_count, head_of, plan_conversion
 
 HF_MOE_TYPES = ("switch_moe", "expert_choice_moe")
 
@@ -118,11 +118,11 @@ def import_checkpoint(
     config = SwitchMoeConfig(text_config=text_config, **moe_fields)
     config.dtype = native.dtype
     config.imported = {**origin, "model_type": family.model_type, "hf_moe_version": HF_MOE_VERSION}
-    plan = plan_conversion(config, head)
-    rules, zeros = tensor_rules(family, plan)
-    zero_names = {name for name, _ in zeros} | optional_native_tensors(family, plan)
-
     with DenseCheckpoint(folder) as checkpoint:
+        check_layer_count(text_config, checkpoint.keys(), folder)
+        plan = plan_conversion(config, head)
+        rules, zeros = tensor_rules(family, plan)
+        zero_names = {name for name, _ in zeros} | optional_native_tensors(family, plan)
         expected = {name: (rule, i) for rule in rules for i, name in enumerate(rule.native_names)}
         missing = sorted(set(expected) - set(checkpoint.keys()))
         unexpected = sorted(set(checkpoint.keys()) - set(expected) - zero_names)
@@ -134,9 +134,12 @@ def import_checkpoint(
             if name in checkpoint.location and checkpoint.shape(name) != shape
         ]
         _raise_mismatch(family.model_type, missing, unexpected, bad_shapes)
+        model_dtypes = {name: tensor.dtype for name, tensor in plan.meta_moe.state_dict().items()}
+        native_dtypes = {name: model_dtypes[rule.name] for name, (rule, _) in expected.items()}
+        check_floating(native_dtypes, checkpoint.dtype, {name: name for name in expected}, family.model_type)
         outputs = [OutputTensor(rule.name, checkpoint.dtype(rule.native_names[0]), shapes[rule.name]) for rule in rules]
         weight_bytes = sum(out.nbytes for out in outputs)
-        _check_disk_space(output_dir.parent, weight_bytes)
+        _check_disk_space(output_dir, weight_bytes)
         by_name = {rule.name: rule for rule in rules}
 
         def produce(out: OutputTensor):
@@ -213,11 +216,12 @@ def _export(
             f"Cannot export {folder} to a native transformers architecture:\n  - " + "\n  - ".join(problems)
         )
     family = FAMILIES_BY_DENSE[config.text_config.model_type]
-    plan = plan_conversion(config, head)
     native = native_config(family, config, head)
-    rules, zeros = tensor_rules(family, plan)
 
     with DenseCheckpoint(folder) as checkpoint:
+        check_layer_count(config.text_config, checkpoint.keys(), folder)
+        plan = plan_conversion(config, head)
+        rules, zeros = tensor_rules(family, plan)
         shapes = {tensor.name: tensor.shape for tensor in plan.tensors}
         missing = sorted(rule.name for rule in rules if rule.name not in checkpoint.location)
         bad_shapes = [
@@ -226,6 +230,8 @@ def _export(
             if rule.name in checkpoint.location and checkpoint.shape(rule.name) != shapes[rule.name]
         ]
         _raise_mismatch(config.model_type, missing, [], bad_shapes)
+        model_dtypes = {name: tensor.dtype for name, tensor in plan.meta_moe.state_dict().items()}
+        check_floating(model_dtypes, checkpoint.dtype, {rule.name: rule.name for rule in rules}, config.model_type)
         sources, outputs = {}, []
         for rule in rules:
             dtype = checkpoint.dtype(rule.name)
@@ -235,7 +241,7 @@ def _export(
         router_dtype = next(out.dtype for out in outputs if out.name.endswith(".gate.weight"))
         outputs += [OutputTensor(name, router_dtype, shape) for name, shape in zeros]
         weight_bytes = sum(out.nbytes for out in outputs)
-        _check_disk_space(output_dir.parent, weight_bytes)
+        _check_disk_space(output_dir, weight_bytes)
 
         def read_source(native_name: str) -> torch.Tensor:
             name, row = sources[native_name]

@@ -6,6 +6,7 @@ options and rejects configuration keys the chosen routing does not have.
 """
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -23,6 +24,11 @@ DEFAULT_NOISE_STD = 0.01
 # Top-2 is also what sparse upcycling uses for decoders (Komatsuzaki et al. 2023, §3.1).
 UPCYCLING_TOP_K = 2
 UPCYCLING_NORM_TOPK_PROB = True
+
+
+def is_finite_number(value) -> bool:
+    """An int or float that is neither nan nor infinite (nan passes every ``< 0`` check)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class UpcyclingWarning(UserWarning):
@@ -76,14 +82,10 @@ class UpcyclingSettings:
             problems.append(f"routing must be one of {list(ROUTINGS)}, got {self.routing!r}")
         if self.expert_init not in EXPERT_INITS:
             problems.append(f"expert_init must be one of {list(EXPERT_INITS)}, got {self.expert_init!r}")
-        if isinstance(self.noise_std, bool) or not isinstance(self.noise_std, (int, float)) or self.noise_std < 0:
-            problems.append(f"noise_std must be a number >= 0, got {self.noise_std!r}")
-        if (
-            isinstance(self.drop_ratio, bool)
-            or not isinstance(self.drop_ratio, (int, float))
-            or not 0 <= self.drop_ratio <= 1
-        ):
-            problems.append(f"drop_ratio must be a number in [0, 1], got {self.drop_ratio!r}")
+        if not is_finite_number(self.noise_std) or self.noise_std < 0:
+            problems.append(f"noise_std must be a finite number >= 0, got {self.noise_std!r}")
+        if not is_finite_number(self.drop_ratio) or not 0 <= self.drop_ratio <= 1:
+            problems.append(f"drop_ratio must be a finite number in [0, 1], got {self.drop_ratio!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             problems.append(f"seed must be an integer >= 0, got {self.seed!r}")
         if self.routing in ROUTINGS:

@@ -43,6 +43,19 @@ DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000
 
 
+def check_finite(tensor: torch.Tensor, name: str, where) -> torch.Tensor:
+    """``tensor``, once checked for nan and inf: a source with them is corrupt or diverged, and the
+    conversion would carry them into every copy (and blame itself in its verification)."""
+    if tensor.dtype.is_floating_point and tensor.numel() and not torch.isfinite(tensor).all():
+        nan = int(torch.isnan(tensor).sum())
+        inf = int(torch.isinf(tensor).sum())
+        raise ValueError(
+            f"Non-finite weights in the source: {name} in {where} has {nan} NaN and {inf} inf of {tensor.numel()} "
+            "values. The checkpoint is corrupt or comes from a diverged training run; nothing was converted"
+        )
+    return tensor
+
+
 def tensor_nbytes(shape, dtype: torch.dtype) -> int:
     numel = 1
     for size in shape:
@@ -216,12 +229,15 @@ class DenseCheckpoint:
         return self._torch_files[file_name][name].dtype
 
     def read(self, name: str, row: int | None = None) -> torch.Tensor:
-        """The tensor, or only ``tensor[row]`` read on its own (one expert of a stacked weight)."""
+        """The tensor, or only ``tensor[row]`` read on its own (one expert of a stacked weight);
+        nan or inf in it raise a ValueError naming the tensor (`check_finite`)."""
         file_name = self.location[name]
         if file_name in self._safetensors:
-            return self._safetensors[file_name].read(name, row)
-        tensor = self._torch_files[file_name][name]
-        return (tensor if row is None else tensor[row]).clone()
+            tensor = self._safetensors[file_name].read(name, row)
+        else:
+            tensor = self._torch_files[file_name][name]
+            tensor = (tensor if row is None else tensor[row]).clone()
+        return check_finite(tensor, name, self.folder / file_name)
 
     def close(self) -> None:
         for file in self._safetensors.values():

@@ -139,6 +139,7 @@ def plan_conversion(moe_config, head: int) -> ConversionPlan:
     dense_tied = set(getattr(dense, "all_tied_weights_keys", {}) or {})
     moe_tied = set(getattr(moe, "all_tied_weights_keys", {}) or {})
     moe_blocks = {index: blocks[index] for index in moe_config.moe_layers}
+    layer_of_block = {name: index for index, name in moe_blocks.items()}
     num_experts = moe_config.num_experts
 
     tensors = []
@@ -146,7 +147,7 @@ def plan_conversion(moe_config, head: int) -> ConversionPlan:
         if name in moe_tied:
             continue
         dense_name = name[len(BACKBONE_PREFIX) :]
-        layer, rest = _moe_block_of(dense_name, moe_blocks)
+        layer, rest = _moe_block_of(dense_name, layer_of_block)
         if layer is None:
             tensors.append(TensorPlan(name, tuple(tensor.shape), "copy", dense_name))
             continue
@@ -188,11 +189,27 @@ def plan_conversion(moe_config, head: int) -> ConversionPlan:
     )
 
 
-def _moe_block_of(dense_name: str, moe_blocks: dict[int, str]) -> tuple[int | None, str]:
-    for layer, block_name in moe_blocks.items():
-        if dense_name.startswith(block_name + "."):
-            return layer, dense_name[len(block_name) + 1 :]
+def _moe_block_of(dense_name: str, layer_of_block: dict[str, int]) -> tuple[int | None, str]:
+    """(MoE layer, name inside its block) of a tensor, or (None, ""); one lookup per name prefix."""
+    parts = dense_name.split(".")
+    for end in range(1, len(parts)):
+        layer = layer_of_block.get(".".join(parts[:end]))
+        if layer is not None:
+            return layer, ".".join(parts[end:])
     return None, ""
+
+
+def check_layer_count(text_config, tensor_names, folder) -> None:
+    """Refuse a config with more layers than the checkpoint has tensors (every layer has weights of
+    its own) before `plan_conversion` builds the models, which takes time per layer: a config edited
+    to 200000 layers would otherwise keep the converter busy for hours."""
+    layers = getattr(text_config, "num_hidden_layers", None)
+    count = len(tensor_names)
+    if isinstance(layers, int) and layers > count:
+        raise ValueError(
+            f"The checkpoint does not match its config: num_hidden_layers={layers}, but {folder} holds only "
+            f"{count} tensors, and every layer has weights of its own. Fix num_hidden_layers in config.json"
+        )
 
 
 def _output_projection(moe, block_name: str) -> str:
@@ -256,16 +273,23 @@ def check_shapes(plan: ConversionPlan, shape_of: Callable[[str], tuple[int, ...]
 def check_dtypes(plan: ConversionPlan, dtype_of: Callable[[str], torch.dtype], mapping: dict[str, str]) -> None:
     """Weights the dense model holds in floating point must be floating point in the checkpoint too."""
     expected = {name: tensor.dtype for name, tensor in plan.meta_dense.state_dict().items()}
+    check_floating(expected, dtype_of, mapping, plan.config.text_config.model_type)
+
+
+def check_floating(
+    expected: dict[str, torch.dtype], dtype_of: Callable[[str], torch.dtype], mapping: dict[str, str], model_type: str
+) -> None:
+    """Every conversion's dtype check: a tensor the model holds in floating point (``expected``, by
+    model name) must be floating point in the checkpoint (``mapping``: model name -> checkpoint name)."""
     bad = [
         f"{source} is {str(dtype_of(source)).removeprefix('torch.')}"
-        for dense, source in mapping.items()
-        if expected[dense].is_floating_point and not dtype_of(source).is_floating_point
+        for name, source in mapping.items()
+        if expected[name].is_floating_point and not dtype_of(source).is_floating_point
     ]
     if bad:
         raise TypeError(
-            "The dense checkpoint has non-floating-point weights where the "
-            f"{plan.config.text_config.model_type} model has floating-point ones (quantised or corrupt "
-            "checkpoints cannot be upcycled; dequantise first):\n  - " + "\n  - ".join(bad[:20])
+            f"The checkpoint has non-floating-point weights where the {model_type} model has floating-point ones "
+            "(quantised or corrupt checkpoints cannot be converted; dequantise first):\n  - " + "\n  - ".join(bad[:20])
         )
 
 

@@ -304,8 +304,8 @@ def test_bin_with_non_tensor_pickle_is_refused(llama, tmp_path):
     [
         ({"routing": "hash"}, r"routing must be one of \['switch', 'expert_choice'\], got 'hash'"),
         ({"expert_init": "zeros"}, r"expert_init must be one of \['copy', 'noise', 'drop'\], got 'zeros'"),
-        ({"drop_ratio": 1.5}, r"drop_ratio must be a number in \[0, 1\], got 1.5"),
-        ({"noise_std": -1}, r"noise_std must be a number >= 0, got -1"),
+        ({"drop_ratio": 1.5}, r"drop_ratio must be a finite number in \[0, 1\], got 1.5"),
+        ({"noise_std": -1}, r"noise_std must be a finite number >= 0, got -1"),
         ({"seed": -3}, r"seed must be an integer >= 0, got -3"),
         ({"dtype": "int8"}, r"dtype must be one of \['bfloat16', 'float16', 'float32'\] or None .*got 'int8'"),
         ({"max_shard_size": "lots"}, r"max_shard_size must be a positive size such as '5GB'.*got 'lots'"),
@@ -313,7 +313,7 @@ def test_bin_with_non_tensor_pickle_is_refused(llama, tmp_path):
             {"routing": "expert_choice", "num_experts_per_tok": 2},
             r"\['num_experts_per_tok'\] is not a setting of routing 'expert_choice'",
         ),
-        ({"capacity_factor": 0}, r"capacity_factor must be a number > 0 or None \(dropless\), got 0"),
+        ({"capacity_factor": 0}, r"capacity_factor must be a finite number > 0 or None \(dropless\), got 0"),
         ({"revision": "main"}, r"revision applies to Hub ids only"),
     ],
 )

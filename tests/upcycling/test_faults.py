@@ -82,6 +82,15 @@ def _pause_at(point: str, ready) -> None:
                 pause()
 
         convert.os = _Namespace(os, rename=paused_rename)
+    elif point == "published":  # --overwrite: the new output is in place, the previous one not yet removed
+        rename = os.rename
+
+        def paused_rename(src, dst):
+            rename(src, dst)
+            if ".hf-moe-upcycle-unfinished." in str(src):
+                pause()
+
+        convert.os = _Namespace(os, rename=paused_rename)
 
 
 class _Namespace:
@@ -98,19 +107,34 @@ def _convert_in_child(point, ready, argv):
     # A forked child inherits the parent's OpenMP thread pool in a broken state: once the parent has
     # run parallel torch ops (earlier tests), a parallel op in the child hangs. One thread avoids it.
     torch.set_num_threads(1)
+    # Python leaves SIGINT ignored when its process started that way (pytest run as a shell's background
+    # job); the child must get Ctrl-C's KeyboardInterrupt whatever the parent inherited.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     _pause_at(point, ready)
     sys.exit(main(argv))
 
 
-def run_and_signal(point: str, sig: int, argv: list[str]) -> int:
+def join_or_kill(child, timeout: float) -> int | None:
+    """The child's exit code once it ends within ``timeout`` seconds; otherwise it is killed (a child
+    left sleeping would keep pytest from exiting) and None is returned."""
+    child.join(timeout)
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+        return None
+    return child.exitcode
+
+
+def run_and_signal(point: str, sig: int, argv: list[str]) -> int | None:
     """Run ``hf-moe`` with ``argv`` in a forked child, send ``sig`` once it reaches ``point``; exit code."""
     ready = FORK.Event()
     child = FORK.Process(target=_convert_in_child, args=(point, ready, argv))
     child.start()
-    assert ready.wait(60), f"the conversion never reached {point}"
+    if not ready.wait(60):
+        join_or_kill(child, 0)
+        pytest.fail(f"the conversion never reached {point}")
     os.kill(child.pid, sig)
-    child.join(30)
-    return child.exitcode
+    return join_or_kill(child, 30)
 
 
 def upcycle_argv(source, output, *extra):
@@ -183,9 +207,7 @@ def run_together(*argvs) -> list[int]:
     children = [FORK.Process(target=_convert_after, args=(barrier, argv)) for argv in argvs]
     for child in children:
         child.start()
-    for child in children:
-        child.join(60)
-    return [child.exitcode for child in children]
+    return [join_or_kill(child, 60) for child in children]
 
 
 def test_two_conversions_to_one_output(source, tmp_path, capfd):
