@@ -66,11 +66,11 @@ SWITCH_ERRORS = [
     ({"moe_layers": [1.5]}, r"moe_layers must be a list of integer layer indices, got \[1.5\]"),
     ({"capacity_factor": 0}, r"capacity_factor must be a finite number > 0 or None \(dropless\), got 0"),
     ({"eval_capacity_factor": "big"}, r"eval_capacity_factor must be a finite number > 0 or None .*, got 'big'"),
-    ({"router_jitter_noise": 1.5}, r"router_jitter_noise must be in \[0, 1\), got 1.5"),
+    ({"router_jitter_noise": 1.5}, r"router_jitter_noise must be a finite number in \[0, 1\), got 1.5"),
     ({"router_aux_loss_coef": -1}, "router_aux_loss_coef must be a finite number >= 0, got -1"),
     ({"router_z_loss_coef": -0.1}, "router_z_loss_coef must be a finite number >= 0, got -0.1"),
     ({"router_init_std": -1}, "router_init_std must be a finite number >= 0, got -1"),
-    ({"expert_dropout": 1.0}, r"expert_dropout must be in \[0, 1\), got 1.0"),
+    ({"expert_dropout": 1.0}, r"expert_dropout must be a finite number in \[0, 1\), got 1.0"),
     ({"norm_topk_prob": "yes"}, "norm_topk_prob must be True or False, got 'yes'"),
 ]
 
@@ -89,7 +89,7 @@ def test_switch_validation_names_the_field_the_allowed_values_and_the_value(over
             {"inference_routing": "causal"},
             r"inference_routing must be one of \['expert_choice', 'threshold'\] or None, got 'causal'",
         ),
-        ({"threshold_ema_decay": 1.0}, r"threshold_ema_decay must be in \[0, 1\), got 1.0"),
+        ({"threshold_ema_decay": 1.0}, r"threshold_ema_decay must be a finite number in \[0, 1\), got 1.0"),
         ({"num_experts": -2}, "num_experts must be an integer >= 1, got -2"),
     ],
 )

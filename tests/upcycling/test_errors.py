@@ -82,9 +82,8 @@ def test_unknown_model_type_lists_the_supported_ones(llama, tmp_path):
 
 def test_architecture_without_a_dense_feed_forward_block(tmp_path):
     source = tmp_path / "mamba"
-    AutoConfig.for_model("mamba", hidden_size=32, num_hidden_layers=2, vocab_size=96, state_size=4).save_pretrained(
-        source
-    )
+    config = AutoConfig.for_model("mamba", hidden_size=32, num_hidden_layers=2, vocab_size=96, state_size=4)
+    AutoModelForCausalLM.from_config(config).save_pretrained(source)
     convert_fails(
         source,
         tmp_path / "out",
