@@ -174,7 +174,8 @@ def upcycle_checkpoint(
     Args:
         source: local checkpoint directory, or a Hub repository id resolved through the Hub
             cache (offline: it must already be cached).
-        output_dir: destination; must not exist or be empty unless ``overwrite``.
+        output_dir: destination, outside ``source``; must not exist or be empty unless ``overwrite``,
+            which replaces it only once the new output is complete.
         dtype: ``"bfloat16"``, ``"float16"``, ``"float32"`` (floating tensors) or None to keep the source's.
         max_shard_size: e.g. ``"5GB"``, ``"500MB"`` or bytes.
         verify: compare every MoE layer (and the whole model when it fits in memory) with the

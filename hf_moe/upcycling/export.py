@@ -190,6 +190,7 @@ def upcycle_to_native(
     problems = export_problems(settings.build_config(text_config), head, flags=True)
     if problems:
         raise ValueError("--format native cannot write these settings natively:\n  - " + "\n  - ".join(problems))
+    _check_disk_space(output_dir, 0)  # an unwritable OUTPUT_DIR is named before the temporary folder is made
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=staging_prefix(output_dir, "unfinished"), dir=output_dir.parent))
     try:

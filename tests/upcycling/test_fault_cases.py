@@ -307,8 +307,9 @@ def test_a_config_edited_to_another_mlp_size_is_diagnosed(source, tmp_path):
     assert "experts.down_proj.weight is [2, 32, 48] in the checkpoint, the config implies [2, 32, 40]" in message
 
 
-def test_an_output_under_proc_is_not_a_disk_space_problem(source, capsys):
-    assert main(upcycle_argv(source, "/proc/hf-moe-out")) == 2
+@pytest.mark.parametrize("extra", [[], ["--format", "native", "--moe-layers", "all"]], ids=["hf_moe", "native"])
+def test_an_output_under_proc_is_not_a_disk_space_problem(extra, source, capsys):
+    assert main(upcycle_argv(source, "/proc/hf-moe-out", *extra)) == 2
     err = capsys.readouterr().err
     assert "No disk space" not in err and "OUTPUT_DIR '/proc/hf-moe-out'" in err and "/proc" in err
 
