@@ -121,10 +121,20 @@ def check_checkpoint(folder: str) -> None:
     """Read back every file of a checkpoint; ValueError naming the file and what is wrong."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"resume_from_checkpoint: no such folder {folder!r}")
-    if not os.path.isfile(os.path.join(folder, COMPLETE_MARKER)):
+    marker = os.path.join(folder, COMPLETE_MARKER)
+    if not os.path.isfile(marker):
         raise ValueError(
             f"checkpoint {folder!r} is incomplete (no {COMPLETE_MARKER}: its save was interrupted); "
             "resume from an earlier one, or --resume_from_checkpoint true for the latest complete one"
+        )
+    with open(marker) as f:
+        written = f.read().split()[1:]  # the step, then every file Trainer wrote (see CompleteCheckpoints)
+    missing = [name for name in written if not os.path.exists(os.path.join(folder, name))]
+    if missing:
+        raise ValueError(
+            f"checkpoint {folder!r} is missing {', '.join(missing)}, written with it when it was saved "
+            "(resuming without them would restart the optimizer or scheduler silently); resume from another "
+            "checkpoint, or restore the files"
         )
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
@@ -151,13 +161,15 @@ def check_checkpoint(folder: str) -> None:
 
 class CompleteCheckpoints(TrainerCallback):
     """Marks each checkpoint complete once Trainer has written all of it (model, optimizer, scheduler,
-    RNG and trainer states)."""
+    RNG and trainer states), listing those files."""
 
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if state.is_world_process_zero and os.path.isdir(folder):
+            # The step, then the files written: resume refuses a checkpoint that lost one (optimizer.pt, ...).
+            names = sorted(os.listdir(folder))
             with open(os.path.join(folder, COMPLETE_MARKER), "w") as f:
-                f.write(f"{state.global_step}\n")
+                f.write(f"{state.global_step}\n" + "".join(f"{name}\n" for name in names))
 
 
 def evaluation_history(log_history: list[dict], metric_names: list[str], train_name: str = "train_subset"):
