@@ -289,15 +289,22 @@ def tiny_sft(trainer_class, tmp_path, kind="switch"):
     return trainer_class(model=model, args=args, train_dataset=data, processing_class=tokenizer)
 
 
-def test_stock_sft_trainer_warns_once_that_router_terms_are_left_out(tmp_path):
-    from trl import SFTTrainer
-
-    trainer = tiny_sft(SFTTrainer, tmp_path)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.train()
-    ours = [w for w in caught if "router terms" in str(w.message)]
-    assert len(ours) == 1 and "hf_moe.training.MoeSFTTrainer" in str(ours[0].message)
+def test_trl_sft_command_warns_once_that_router_terms_are_left_out(assets, tmp_path):
+    # TRL's own entry point (`trl sft`, which launches trl/scripts/sft.py with accelerate): the checkpoint's
+    # code is loaded as remote code, as a `trl sft` user would load it.
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text(
+        "".join(json.dumps({"text": line}) + "\n" for line in (assets["root"] / "train.txt").read_text().splitlines())
+    )
+    command = [sys.executable, "-m", "trl.cli.main", "sft", "--model_name_or_path", assets["switch"]]
+    command += ["--trust_remote_code", "true", "--dataset_name", str(tmp_path / "data"), "--max_steps", "3"]
+    command += ["--per_device_train_batch_size", "4", "--max_length", "16", "--output_dir", str(tmp_path / "out")]
+    command += ["--report_to", "none", "--use_cpu", "true", "--bf16", "false", "--save_strategy", "no"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "always::UserWarning"}
+    result = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("the loss leaves out the model's router terms") == 1
+    assert "Train with hf_moe.training.MoeSFTTrainer" in result.stderr
 
 
 def test_moe_sft_trainer_logs_trls_token_metrics_like_sft_trainer(tmp_path):
