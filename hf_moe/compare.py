@@ -67,7 +67,10 @@ def load_run(run_dir: str | Path) -> Run:
     state = read_json_object(state_file, "a Trainer state file with a log_history")
     log_history = state.get("log_history")
     if not isinstance(log_history, list) or not all(isinstance(row, dict) for row in log_history):
-        raise ValueError(f"{state_file} is not a Trainer state file: its log_history is not a list of logged rows")
+        raise ValueError(
+            f"{state_file} is not a Trainer state file with a log_history (a list of logged rows), "
+            f"got {type(log_history).__name__}"
+        )
     config_file = path / "config.json"
     config = read_json_object(config_file, "a model config") if config_file.is_file() else {}
     return Run(name=path.name, path=path, log_history=log_history, config=config)
