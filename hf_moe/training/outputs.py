@@ -46,14 +46,19 @@ def is_finished(folder: str) -> bool:
 
 
 def recover_interrupted_publish(output_dir: str) -> None:
-    """Finish or undo a `publish_staged_run` that was killed between its renames: with ``output_dir``
-    gone, the finished new run is moved in if it is complete, else the previous run is moved back."""
+    """Finish or undo a `publish_staged_run` that was killed between its renames. With no finished run
+    in ``output_dir`` (gone, or re-created empty), the new run moves in if it is complete, else the
+    previous run moves back; the previous run is removed only once a finished run is in place."""
     replaced, staged = replaced_dir(output_dir), staging_dir(output_dir)
     if not os.path.isdir(replaced):
         return
-    if not os.path.exists(output_dir):
+    if not is_finished(output_dir):
+        if os.path.isdir(output_dir) and not os.listdir(output_dir):
+            os.rmdir(output_dir)
+        if os.path.exists(output_dir):
+            return  # something else is there: keep everything for the checks to report
         os.replace(staged if is_finished(staged) else replaced, output_dir)
-    if os.path.isdir(replaced):
+    if is_finished(output_dir) and os.path.isdir(replaced):
         shutil.rmtree(replaced)
 
 
@@ -128,7 +133,7 @@ def check_checkpoint(folder: str) -> None:
             "resume from an earlier one, or --resume_from_checkpoint true for the latest complete one"
         )
     with open(marker) as f:
-        written = f.read().split()[1:]  # the step, then every file Trainer wrote (see CompleteCheckpoints)
+        written = f.read().splitlines()[1:]  # the step, then every file Trainer wrote (see CompleteCheckpoints)
     missing = [name for name in written if not os.path.exists(os.path.join(folder, name))]
     if missing:
         raise ValueError(

@@ -91,6 +91,7 @@ def test_a_publish_killed_between_its_renames_is_finished_or_undone(tmp_path):
         (tmp_path / f"run{STAGING_SUFFIX}").mkdir()
         if complete:
             (tmp_path / f"run{STAGING_SUFFIX}" / "finetune_config.yaml").write_text("new: 1\n")
+        out.mkdir()  # re-created empty by a script before the next run
         with pytest.raises(ValueError, match="holds a finished run"):
             check_output_dir(str(out), overwrite=False, resume=None)
         assert (out / "finetune_config.yaml").read_text() == ("new: 1\n" if complete else "old: 1\n")
