@@ -443,7 +443,7 @@ def _warn_if_adapter_drops_thresholds(model, state_dict, prefix, local_metadata)
     if "peft_config" not in vars(model) or vars(model).get("_warned_thresholds"):
         return
     routers = [block.router for block in model.moe_blocks() if isinstance(block.router, ExpertChoiceRouter)]
-    if not any(router.threshold_updates.item() > 0 for router in routers):
+    if not any(not r.threshold_updates.is_meta and r.threshold_updates.item() > 0 for r in routers):
         return  # wrapped by modules_to_save (then PEFT saves them), or never trained
     model.__dict__["_warned_thresholds"] = True
     warnings.warn(
