@@ -64,13 +64,50 @@ def load_run(run_dir: str | Path) -> Run:
     if not path.is_dir():
         raise FileNotFoundError(f"run folder {path} does not exist")
     state_file = find_trainer_state(path)
-    try:
-        log_history = json.loads(state_file.read_text())["log_history"]
-    except (json.JSONDecodeError, KeyError) as error:
-        raise ValueError(f"{state_file} is not a Trainer state file with a log_history: {error}") from None
+    state = read_json_object(state_file, "a Trainer state file with a log_history")
+    log_history = state.get("log_history")
+    if not isinstance(log_history, list) or not all(isinstance(row, dict) for row in log_history):
+        raise ValueError(
+            f"{state_file} is not a Trainer state file with a log_history (a list of logged rows), "
+            f"got {type(log_history).__name__}"
+        )
     config_file = path / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config = read_json_object(config_file, "a model config") if config_file.is_file() else {}
     return Run(name=path.name, path=path, log_history=log_history, config=config)
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """The JSON object in ``path``; ValueError naming the file when it is not text, not JSON or not an object."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not {what} (JSON): {type(error).__name__}: {error}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} is not {what}: it holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def run_task(run: Run) -> str | None:
+    """ "causal LM" or "sequence classification", from the head in config.json or the logged metrics."""
+    heads = " ".join(run.config.get("architectures") or [])
+    if "ForCausalLM" in heads:
+        return "causal LM"
+    if "ForSequenceClassification" in heads:
+        return "sequence classification"
+    keys = {key for row in run.log_history for key in row}
+    if any(key.endswith("perplexity") for key in keys):
+        return "causal LM"
+    if any(key.endswith(("accuracy", "_f1")) for key in keys):
+        return "sequence classification"
+    return None
+
+
+def check_same_task(runs: list[Run]) -> None:
+    """Losses of a causal LM (per token) and a classifier (per example) are not comparable: refuse the mix."""
+    tasks = {run.name: task for run in runs if (task := run_task(run)) is not None}
+    if len(set(tasks.values())) > 1:
+        described = ", ".join(f"{name} ({task})" for name, task in tasks.items())
+        raise ValueError(f"run_dirs must be runs of one task, got {described}: their losses are not comparable")
 
 
 def parameter_counts(run: Run) -> tuple[int, float] | None:
@@ -183,6 +220,7 @@ def compare_runs(run_dirs: list[str | Path], output_dir: str | Path | None = Non
     if len(set(names)) != len(names):  # folders of the same name in different places
         for run in runs:
             run.name = str(run.path)
+    check_same_task(runs)
     table = comparison_table(runs)
     if output_dir is not None:
         # Both files are written under temporary names first: a failure leaves no half-written comparison.

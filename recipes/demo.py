@@ -185,7 +185,8 @@ def main() -> None:
             *(["--dense_control", "true"] if name == "dense" else []),
         ]
         print("Running:", " ".join(command))
-        subprocess.run(command, check=True)
+        if subprocess.run(command).returncode != 0:  # the recipe has printed its error
+            raise SystemExit(f"demo: the {name} fine-tune failed; its error is above")
 
     # 4. Report.
     results = {}

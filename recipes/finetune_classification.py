@@ -6,7 +6,8 @@ with transformers' Trainer.
 
 or ``python recipes/finetune_classification.py --config ...``. Options: hf_moe's
 (`hf_moe.training.MoeArguments`), the data (`ClassificationDataArguments`: text, optional pair and label columns,
-``max_length``) and `TrainingArguments`; unknown keys or flags are errors. A new classification head
+``max_length``) and `MoeTrainingArguments` (transformers' `TrainingArguments`); unknown keys or flags
+are errors. A new classification head
 goes on the last non-padding token. Each evaluation scores the validation data and a fixed training
 subset: task loss without the router terms, accuracy, F1 (binary for 2 labels, else macro), routing.
 """
@@ -19,7 +20,6 @@ from transformers import (
     DataCollatorWithPadding,
     EarlyStoppingCallback,
     Trainer,
-    TrainingArguments,
 )
 from trl import TrlParser
 
@@ -29,6 +29,7 @@ from hf_moe.training import (
     CompleteCheckpoints,
     MoeArguments,
     MoeCallback,
+    MoeTrainingArguments,
     add_training_subset,
     check_columns,
     check_process_group,
@@ -39,15 +40,16 @@ from hf_moe.training import (
     load_model_for_finetuning,
     load_train_and_validation,
     prepare_run,
+    run_recipe_main,
     select_trainable_parameters,
     tokenize_for_classification,
 )
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = TrlParser((MoeArguments, ClassificationDataArguments, TrainingArguments))
+    parser = TrlParser((MoeArguments, ClassificationDataArguments, MoeTrainingArguments))
     moe_args, data_args, training_args = parser.parse_args_and_config(sys.argv[1:] if argv is None else argv)
-    checkpoint, hub_repo = prepare_run(moe_args, training_args)
+    run = prepare_run(moe_args, training_args)
 
     tokenizer = AutoTokenizer.from_pretrained(moe_args.tokenizer_name_or_path or moe_args.model_name_or_path)
     if tokenizer.pad_token is None:
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{trainer.accelerator.num_processes} process(es), {trainer.accelerator.distributed_type.value}, "
         f"mixed precision {trainer.accelerator.mixed_precision}, {'dense control' if moe_args.dense_control else 'MoE'}"
     )
-    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.train(resume_from_checkpoint=run.checkpoint)
     # A new head (and its labels) changes the base config: an adapter keeps its base next to it.
     return finish_run(
         trainer,
@@ -113,10 +115,10 @@ def main(argv: list[str] | None = None) -> dict:
         task="classification",
         auto_class="AutoModelForSequenceClassification",
         metric_names=["loss", "accuracy", "f1"],
-        hub_repo=hub_repo,
+        run=run,
         base_on_disk=False,
     )
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_recipe_main(main))

@@ -32,6 +32,7 @@ from hf_moe.training import (
     load_model_for_finetuning,
     load_train_and_validation,
     prepare_run,
+    run_recipe_main,
     select_trainable_parameters,
     to_sft_columns,
 )
@@ -40,7 +41,7 @@ from hf_moe.training import (
 def main(argv: list[str] | None = None) -> dict:
     parser = TrlParser((MoeArguments, DataArguments, MoeSFTConfig))
     moe_args, data_args, training_args = parser.parse_args_and_config(sys.argv[1:] if argv is None else argv)
-    checkpoint, hub_repo = prepare_run(moe_args, training_args)
+    run = prepare_run(moe_args, training_args)
 
     tokenizer = AutoTokenizer.from_pretrained(moe_args.tokenizer_name_or_path or moe_args.model_name_or_path)
     if tokenizer.pad_token is None:
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{trainer.accelerator.num_processes} process(es), {trainer.accelerator.distributed_type.value}, "
         f"mixed precision {trainer.accelerator.mixed_precision}, {'dense control' if moe_args.dense_control else 'MoE'}"
     )
-    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.train(resume_from_checkpoint=run.checkpoint)
     return finish_run(
         trainer,
         tokenizer,
@@ -80,9 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
         task="causal-lm",
         auto_class="AutoModelForCausalLM",
         metric_names=["loss", "perplexity"],
-        hub_repo=hub_repo,
+        run=run,
     )
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_recipe_main(main))

@@ -15,6 +15,7 @@ and no ``isinstance`` against our own config classes (they are loaded twice).
 import dataclasses
 import functools
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -246,6 +247,8 @@ class MoePreTrainedModel(PreTrainedModel):
                 dense_mlp, config.num_experts, hidden_size, config.expert_dropout, layout, config.text_config.model_type
             )
             setattr(parent, child, MoeBlock(self._make_router(hidden_size, weight), experts, layout))
+        if config.model_type == "expert_choice_moe":
+            self.register_state_dict_post_hook(_warn_if_adapter_drops_thresholds)
         # auto_map lists every Auto class a saved checkpoint serves: saving adds the head's own
         # class; AutoModel loads the decoder without its head from any head's checkpoint.
         module = type(self).__module__.rpartition(".")[2]
@@ -432,6 +435,27 @@ class MoePreTrainedModel(PreTrainedModel):
         }
 
 
+def _warn_if_adapter_drops_thresholds(model, state_dict, prefix, local_metadata) -> None:
+    """State-dict hook of Expert-Choice models: a PEFT adapter saves only its own tensors and the modules
+    in ``modules_to_save``. Training moves the routers' score thresholds (buffers the causal inference
+    routing reads) even when the routers are frozen, so an adapter without ``modules_to_save=["router"]``
+    would lose them; warned once per model, when the adapter's state dict is taken (at save)."""
+    if "peft_config" not in vars(model) or vars(model).get("_warned_thresholds"):
+        return
+    routers = [block.router for block in model.moe_blocks() if isinstance(block.router, ExpertChoiceRouter)]
+    if not any(not r.threshold_updates.is_meta and r.threshold_updates.item() > 0 for r in routers):
+        return  # wrapped by modules_to_save (then PEFT saves them), or never trained
+    model.__dict__["_warned_thresholds"] = True
+    warnings.warn(
+        f"{type(model).__name__} has a PEFT adapter without its routers: the Expert-Choice score thresholds that "
+        "training updated (router.score_thresholds, read by the causal inference routing) are not saved with the "
+        "adapter, so a reloaded adapter routes with the base model's thresholds. Create the adapter with "
+        'modules_to_save=["router"] (as the hf_moe recipes do).',
+        UserWarning,
+        stacklevel=2,
+    )
+
+
 MOE_WEIGHT = re.compile(r"\.(\d+)\.[^.]+\.(?:experts|router)\.")  # layer index of an expert/router tensor
 
 
@@ -485,8 +509,28 @@ class MoeDecoder:
         self.__dict__["model"] = model
 
     def __call__(self, *args, **kwargs) -> MoeModelOutput:
+        self._warn_if_router_terms_are_dropped()
         # The class's forward, not the instance's: trainers may patch ``model.forward`` (TRL's fused LM head).
         return type(self.model).forward(self.model, *args, hidden_states_only=True, **kwargs)
+
+    def _warn_if_router_terms_are_dropped(self) -> None:
+        """A trainer that patched ``model.forward`` with a fused LM head (TRL's SFTTrainer) and trains through
+        the decoder computes its loss from the hidden states: the model's router terms (Switch eq. 4,
+        ST-MoE eq. 5) never reach it. TRL adds only Mixtral's balancing loss, from fields the dense text
+        config lacks, so it adds none; warned once per model, at the first such forward."""
+        model, config = self.model, self.model.config
+        weighted = config.router_z_loss_coef or (config.model_type == "switch_moe" and config.router_aux_loss_coef)
+        if not (model.training and weighted and "forward" in vars(model)) or vars(model).get("_warned_fused_head"):
+            return
+        model.__dict__["_warned_fused_head"] = True
+        warnings.warn(
+            f"{type(model).__name__} is trained through a fused LM head (TRL's SFTTrainer patches its forward): "
+            "the loss leaves out the model's router terms (router_aux_loss_coef * aux_loss + router_z_loss_coef "
+            "* z_loss), so nothing keeps the experts balanced. Train with hf_moe.training.MoeSFTTrainer, which "
+            "adds them once.",
+            UserWarning,
+            stacklevel=3,
+        )
 
     def __getattr__(self, name: str):
         return getattr(self.model.backbone.base_model, name)

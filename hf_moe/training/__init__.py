@@ -2,9 +2,10 @@
 the SFT trainer that keeps the router terms, and the pieces the recipes in ``recipes/`` share
 (options, data, model loading, parameter selection, output folder, model card, Hub upload)."""
 
-from .arguments import ClassificationDataArguments, DataArguments, MoeArguments
+from .arguments import ClassificationDataArguments, DataArguments, MoeArguments, MoeTrainingArguments
 from .callback import MoeCallback
 from .data import check_columns, label_names, load_train_and_validation, to_sft_columns, tokenize_for_classification
+from .entry_point import run_recipe_main
 from .model_loading import check_process_group, fit_length_to_positions, load_model_for_finetuning
 from .outputs import (
     CompleteCheckpoints,
@@ -28,6 +29,7 @@ __all__ = [
     "MoeArguments",
     "MoeCallback",
     "MoeSFTConfig",
+    "MoeTrainingArguments",
     "MoeSFTTrainer",
     "check_checkpoint",
     "check_columns",
@@ -47,6 +49,7 @@ __all__ = [
     "push_folder_to_hub",
     "resolve_checkpoint",
     "router_parameter_names",
+    "run_recipe_main",
     "save_model_folder",
     "select_trainable_parameters",
     "to_sft_columns",

@@ -7,8 +7,12 @@ are the trainer's own (`TrainingArguments` / `SFTConfig`). Each dataclass checks
 construction and reports every problem at once.
 """
 
+import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
 
 from hf_moe.upcycling import EXPERT_INITS, ROUTINGS
 
@@ -26,6 +30,17 @@ DATA_FILE_BUILDERS = {
 def _raise(owner: str, problems: list[str]) -> None:
     if problems:
         raise ValueError(f"Invalid {owner}:\n  - " + "\n  - ".join(problems))
+
+
+def non_finite_options(options) -> list[str]:
+    """A problem for every number option of the dataclass ``options`` that is NaN or infinite: ``nan`` and
+    ``inf`` parse as floats and pass every ``< 0`` / ``<= 0`` check, so they are refused by name here."""
+    found = []
+    for option in dataclasses.fields(options):
+        value = getattr(options, option.name, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            found.append(f"{option.name} must be a finite number, got {value!r}")
+    return found
 
 
 @dataclass
@@ -101,12 +116,13 @@ class MoeArguments:
             found.append(f"lora_target_* are only used with train_parameters 'lora', got {self.train_parameters!r}")
         for name in ("router_aux_loss_coef", "router_z_loss_coef", "early_stopping_threshold"):
             value = getattr(self, name)
-            if value is not None and value < 0:
+            if value is not None and math.isfinite(value) and value < 0:
                 found.append(f"{name} must be >= 0, got {value!r}")
         for name in ("expert_dropout", "backbone_dropout", "router_jitter_noise"):
             value = getattr(self, name)
-            if value is not None and not 0 <= value < 1:
+            if value is not None and math.isfinite(value) and not 0 <= value < 1:
                 found.append(f"{name} must be in [0, 1), got {value!r}")
+        found += non_finite_options(self)
         for name in ("capacity_factor", "eval_capacity_factor"):
             value = getattr(self, name)
             if value is None or value == "dropless":
@@ -115,8 +131,10 @@ class MoeArguments:
                 number = float(value)
             except ValueError:
                 number = 0.0
-            if number <= 0:
-                found.append(f"{name} must be a number > 0 or 'dropless' (unset keeps the checkpoint's), got {value!r}")
+            if not (math.isfinite(number) and number > 0):
+                found.append(
+                    f"{name} must be a finite number > 0 or 'dropless' (unset keeps the checkpoint's), got {value!r}"
+                )
         for name in ("train_eval_samples", "early_stopping_patience"):
             if getattr(self, name) < 0:
                 found.append(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -164,9 +182,9 @@ class DataArguments:
                 "prompt_column and response_column go together (instruction data), "
                 f"got prompt_column={self.prompt_column!r}, response_column={self.response_column!r}"
             )
-        if not 0 < self.validation_split_percentage < 100:
+        if math.isfinite(self.validation_split_percentage) and not 0 < self.validation_split_percentage < 100:
             found.append(f"validation_split_percentage must be in (0, 100), got {self.validation_split_percentage!r}")
-        found += self._task_problems()
+        found += non_finite_options(self) + self._task_problems()
         _raise(type(self).__name__, found)
         for name in ("train_file", "validation_file"):
             path = getattr(self, name)
@@ -188,3 +206,26 @@ class ClassificationDataArguments(DataArguments):
 
     def _task_problems(self) -> list[str]:
         return [f"max_length must be >= 2, got {self.max_length!r}"] if self.max_length < 2 else []
+
+
+def precision_flags_win(args, flag_given: bool) -> None:
+    """After ``TrainingArguments.__post_init__``: ``--bf16 false`` / ``--fp16 false`` given explicitly mean
+    float32 even under ``accelerate launch``, whose ``ACCELERATE_MIXED_PRECISION`` (from its config file)
+    TrainingArguments otherwise takes whenever neither flag is true."""
+    if flag_given and not (args.bf16 or args.fp16):
+        args.mixed_precision = "no"
+
+
+@dataclass
+class MoeTrainingArguments(TrainingArguments):
+    """`TrainingArguments` of the classification recipe, where ``--bf16`` / ``--fp16`` set explicitly win
+    over the launcher's mixed precision (`precision_flags_win`); unset, the launcher's applies."""
+
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (unset: the launcher's)"})
+    fp16: bool | None = field(default=None, metadata={"help": "fp16 mixed precision (unset: the launcher's)"})
+
+    def __post_init__(self):
+        flag_given = self.bf16 is not None or self.fp16 is not None
+        self.bf16, self.fp16 = bool(self.bf16), bool(self.fp16)
+        super().__post_init__()
+        precision_flags_win(self, flag_given)

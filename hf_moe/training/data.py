@@ -29,7 +29,7 @@ def load_train_and_validation(config, seed: int = 42) -> DatasetDict:
             files["validation"] = config.validation_file
         for split, path in files.items():
             _check_file_not_empty(path, f"{split if split == 'validation' else 'train'}_file", builder)
-        raw = load_dataset(builder, data_files=files)
+        raw = load_files(builder, files)
         train_split = "train"
     else:
         raw = load_dataset(config.dataset_name, config.dataset_config_name)
@@ -65,16 +65,47 @@ def _check_file_not_empty(path: str, name: str, builder: str) -> None:
         raise ValueError(f"the {split} data is empty: {name} {path!r} holds no examples")
 
 
+def load_files(builder: str, files: dict[str, str]) -> DatasetDict:
+    """``load_dataset`` of local files; files whose columns differ are one error naming both files and
+    their columns (datasets reports it as a long ``DatasetGenerationCastError`` / ``DatasetGenerationError``)."""
+    from datasets.exceptions import DatasetGenerationError  # the json builder raises its CastError subclass
+
+    try:
+        return load_dataset(builder, data_files=files)
+    except DatasetGenerationError:
+        if len(files) < 2:
+            raise
+        features = {
+            split: load_dataset(builder, data_files={split: path})[split].features for split, path in files.items()
+        }
+        if len({repr(f) for f in features.values()}) == 1:
+            raise  # not a column mismatch
+    same_names = len({tuple(f) for f in features.values()}) == 1  # then the types differ
+
+    def describe(split: str) -> str:
+        if same_names:
+            return "column types " + str({name: str(getattr(t, "dtype", t)) for name, t in features[split].items()})
+        return f"columns {list(features[split])}"
+
+    described = "; ".join(f"{split}_file {path!r} has {describe(split)}" for split, path in files.items())
+    raise ValueError(f"train_file and validation_file must have the same columns: {described}")
+
+
+def data_source(config, split: str) -> str:
+    """Where the ``split`` data comes from, in the recipe's option names."""
+    source = {"train": config.train_file, "validation": config.validation_file}.get(split)
+    if source is not None:
+        return f"{'train_file' if split == 'train' else 'validation_file'} {source!r}"
+    if split == "validation" and config.validation_split is None and config.train_file is not None:
+        return f"train_file {config.train_file!r} (held-out part)"
+    name = "train_split" if split == "train" else "validation_split"
+    return f"{config.dataset_name!r} ({name} {getattr(config, name) or split!r})"
+
+
 def _check_not_empty(dataset, split: str, config) -> None:
     if len(dataset) > 0:
         return
-    source = {"train": config.train_file, "validation": config.validation_file}.get(split)
-    if source is None:
-        name = "train_split" if split == "train" else "validation_split"
-        source = f"{config.dataset_name!r} ({name} {getattr(config, name) or split!r})"
-    else:
-        source = f"{'train_file' if split == 'train' else 'validation_file'} {source!r}"
-    raise ValueError(f"the {split} data is empty: {source} holds no examples")
+    raise ValueError(f"the {split} data is empty: {data_source(config, split)} holds no examples")
 
 
 def to_sft_columns(data: DatasetDict, config) -> DatasetDict:
@@ -113,6 +144,17 @@ def tokenize_for_classification(data: DatasetDict, tokenizer, config, names: lis
     """input_ids, attention_mask and integer labels (index into ``names``); truncated to max_length."""
     feature = data["train"].features[config.label_column]
     to_index = {name: i for i, name in enumerate(names)}
+    for split, dataset in data.items():
+        values = dataset[config.label_column]
+        if hasattr(feature, "names"):  # ClassLabel indices (-1 marks unlabelled examples in Hub test splits)
+            unknown = sorted({v for v in values if not 0 <= v < len(names)})
+        else:
+            unknown = sorted({str(v) for v in values} - set(to_index))
+        if unknown:
+            raise ValueError(
+                f"{config.label_column} values {unknown[:10]} in the {split} data ({data_source(config, split)}) are "
+                f"not labels of the training data: num_labels is {len(names)} ({names})"
+            )
 
     def tokenize(batch):
         pair = batch[config.text_pair_column] if config.text_pair_column is not None else None
@@ -121,11 +163,6 @@ def tokenize_for_classification(data: DatasetDict, tokenizer, config, names: lis
         if hasattr(feature, "names"):
             labels = list(raw_labels)
         else:
-            unknown = sorted({str(v) for v in raw_labels} - set(to_index))
-            if unknown:
-                raise ValueError(
-                    f"{config.label_column} values {unknown} do not occur in the training data (labels: {names})"
-                )
             labels = [to_index[str(v)] for v in raw_labels]
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": labels}
 

@@ -11,12 +11,15 @@ import os
 import re
 import shutil
 import zipfile
+from dataclasses import dataclass
 
 from transformers import TrainerCallback
 
 from .publish import SETTINGS_FILE
 
 COMPLETE_MARKER = "checkpoint_complete"
+STAGING_SUFFIX = ".overwrite-staging"
+REPLACED_SUFFIX = ".replaced"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -28,14 +31,53 @@ def checkpoints(output_dir: str) -> list[str]:
     return [os.path.join(output_dir, name) for _, name in sorted(found)]
 
 
-def check_output_dir(output_dir: str, overwrite: bool, resume: str | None) -> None:
+def staging_dir(output_dir: str) -> str:
+    """Where a run that replaces the one in ``output_dir`` is written until it is complete."""
+    return os.path.normpath(output_dir) + STAGING_SUFFIX
+
+
+def replaced_dir(output_dir: str) -> str:
+    """Where the previous run waits, for the two renames of `publish_staged_run`, before it is removed."""
+    return os.path.normpath(output_dir) + REPLACED_SUFFIX
+
+
+def is_finished(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, SETTINGS_FILE))
+
+
+def recover_interrupted_publish(output_dir: str) -> None:
+    """Finish or undo a `publish_staged_run` that was killed between its renames. With no finished run
+    in ``output_dir`` (gone, or re-created empty), the new run moves in if it is complete, else the
+    previous run moves back; the previous run is removed only once a finished run is in place."""
+    replaced, staged = replaced_dir(output_dir), staging_dir(output_dir)
+    if not os.path.isdir(replaced):
+        return
+    if not is_finished(output_dir):
+        if os.path.isdir(output_dir) and not os.listdir(output_dir):
+            os.rmdir(output_dir)
+        if os.path.exists(output_dir):
+            return  # something else is there: keep everything for the checks to report
+        os.replace(staged if is_finished(staged) else replaced, output_dir)
+    if is_finished(output_dir) and os.path.isdir(replaced):
+        shutil.rmtree(replaced)
+
+
+def check_output_dir(output_dir: str, overwrite: bool, resume: str | None, clean_up: bool = True) -> str:
     """Refuse an ``output_dir`` holding a finished run, or an interrupted one that is not being resumed,
-    unless ``overwrite_output_dir``; with it, empty the folder first (no stale checkpoints stay)."""
-    finished = os.path.isfile(os.path.join(output_dir, SETTINGS_FILE))
+    unless ``overwrite_output_dir``. Returns the folder the run writes into: ``output_dir``, or, when it
+    replaces a run there, `staging_dir` (emptied first unless resuming an earlier replacement), which
+    `publish_staged_run` moves into place once the new run is complete. Until then the previous run
+    stays as it was, whatever happens to the new one. ``clean_up``: recover and empty folders (one
+    process of a launch does it)."""
+    if clean_up:
+        recover_interrupted_publish(output_dir)
+    finished = is_finished(output_dir)
     interrupted = bool(checkpoints(output_dir)) and not finished
     if overwrite and (finished or interrupted):
-        shutil.rmtree(output_dir)
-        return
+        staged = staging_dir(output_dir)
+        if clean_up and resume is None and os.path.exists(staged):
+            shutil.rmtree(staged)  # an earlier replacement that never finished
+        return staged
     if finished:
         raise ValueError(
             f"output_dir {output_dir!r} holds a finished run ({SETTINGS_FILE}); pass --overwrite_output_dir true "
@@ -47,6 +89,20 @@ def check_output_dir(output_dir: str, overwrite: bool, resume: str | None) -> No
             f"({os.path.basename(checkpoints(output_dir)[-1])}); "
             "pass --resume_from_checkpoint true to continue it, or --overwrite_output_dir true to start over"
         )
+    return output_dir
+
+
+def publish_staged_run(staged: str, output_dir: str) -> None:
+    """Put the complete run in ``staged`` in the place of the previous one: two renames on one file
+    system, then the previous run is removed (`recover_interrupted_publish` handles a kill in between)."""
+    replaced = replaced_dir(output_dir)
+    if os.path.exists(replaced):
+        shutil.rmtree(replaced)
+    if os.path.exists(output_dir):
+        os.replace(output_dir, replaced)
+    os.replace(staged, output_dir)
+    if os.path.exists(replaced):
+        shutil.rmtree(replaced)
 
 
 def resolve_checkpoint(output_dir: str, resume: str | None) -> str | None:
@@ -70,10 +126,20 @@ def check_checkpoint(folder: str) -> None:
     """Read back every file of a checkpoint; ValueError naming the file and what is wrong."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"resume_from_checkpoint: no such folder {folder!r}")
-    if not os.path.isfile(os.path.join(folder, COMPLETE_MARKER)):
+    marker = os.path.join(folder, COMPLETE_MARKER)
+    if not os.path.isfile(marker):
         raise ValueError(
             f"checkpoint {folder!r} is incomplete (no {COMPLETE_MARKER}: its save was interrupted); "
             "resume from an earlier one, or --resume_from_checkpoint true for the latest complete one"
+        )
+    with open(marker) as f:
+        written = f.read().splitlines()[1:]  # the step, then every file Trainer wrote (see CompleteCheckpoints)
+    missing = [name for name in written if not os.path.exists(os.path.join(folder, name))]
+    if missing:
+        raise ValueError(
+            f"checkpoint {folder!r} is missing {', '.join(missing)}, written with it when it was saved "
+            "(resuming without them would restart the optimizer or scheduler silently); resume from another "
+            "checkpoint, or restore the files"
         )
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
@@ -100,13 +166,15 @@ def check_checkpoint(folder: str) -> None:
 
 class CompleteCheckpoints(TrainerCallback):
     """Marks each checkpoint complete once Trainer has written all of it (model, optimizer, scheduler,
-    RNG and trainer states)."""
+    RNG and trainer states), listing those files."""
 
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if state.is_world_process_zero and os.path.isdir(folder):
+            # The step, then the files written: resume refuses a checkpoint that lost one (optimizer.pt, ...).
+            names = sorted(os.listdir(folder))
             with open(os.path.join(folder, COMPLETE_MARKER), "w") as f:
-                f.write(f"{state.global_step}\n")
+                f.write(f"{state.global_step}\n" + "".join(f"{name}\n" for name in names))
 
 
 def evaluation_history(log_history: list[dict], metric_names: list[str], train_name: str = "train_subset"):
@@ -182,13 +250,34 @@ TRAINING_SETTINGS = (
 )
 
 
-def prepare_run(moe_args, training_args) -> tuple[str | None, str | None]:
-    """Before building anything: the output-folder check, the checkpoint to resume from, the metric for
-    the best model, and the Hub upload taken over from Trainer (which would create the repository at
-    start and fail offline). Returns (checkpoint to resume from, Hub repository to push to at the end)."""
+@dataclass
+class PreparedRun:
+    """What `prepare_run` decided: the checkpoint to resume from, the Hub repository to push to at the end,
+    and where the finished run goes (``output_dir``); ``training_args.output_dir`` is where it is written,
+    a staging folder when it replaces an earlier run."""
+
+    checkpoint: str | None
+    hub_repo: str | None
+    output_dir: str
+
+
+def prepare_run(moe_args, training_args) -> PreparedRun:
+    """Before building anything: the trainer's numbers checked, the output-folder check (a run that
+    replaces another is written to a staging folder: ``training_args.output_dir`` is changed), the
+    checkpoint to resume from, the metric for the best model, and the Hub upload taken over from
+    Trainer (which would create the repository at start and fail offline)."""
+    from .arguments import non_finite_options
+
+    problems = non_finite_options(training_args)
+    if problems:
+        raise ValueError(f"Invalid {type(training_args).__name__}:\n  - " + "\n  - ".join(problems))
     resume = training_args.resume_from_checkpoint
-    if training_args.process_index == 0:
-        check_output_dir(training_args.output_dir, moe_args.overwrite_output_dir, resume)
+    output_dir = training_args.output_dir
+    # The main process recovers or cleans up first; the others then see the same folders and decide alike.
+    with training_args.main_process_first(local=False, desc="output_dir check"):
+        training_args.output_dir = check_output_dir(
+            output_dir, moe_args.overwrite_output_dir, resume, clean_up=training_args.process_index == 0
+        )
     training_args.resume_from_checkpoint = None
     checkpoint = resolve_checkpoint(training_args.output_dir, resume)
     if training_args.metric_for_best_model is None:
@@ -198,7 +287,7 @@ def prepare_run(moe_args, training_args) -> tuple[str | None, str | None]:
         if not training_args.hub_model_id:
             raise ValueError("push_to_hub needs hub_model_id (e.g. 'your-name/switch-finetuned')")
         hub_repo, training_args.push_to_hub = training_args.hub_model_id, False
-    return checkpoint, hub_repo
+    return PreparedRun(checkpoint=checkpoint, hub_repo=hub_repo, output_dir=output_dir)
 
 
 def add_training_subset(trainer, samples: int) -> None:
@@ -210,9 +299,10 @@ def add_training_subset(trainer, samples: int) -> None:
         trainer.eval_dataset = {"train_subset": subset, **trainer.eval_dataset}
 
 
-def finish_run(trainer, tokenizer, moe_args, data_args, *, task, auto_class, metric_names, hub_repo, base_on_disk=True):
-    """Save the model (or adapter), the settings, the trainer state, the model card; push if asked.
-    Returns the evaluation history and the best evaluation."""
+def finish_run(trainer, tokenizer, moe_args, data_args, *, task, auto_class, metric_names, run, base_on_disk=True):
+    """Save the model (or adapter), the settings, the trainer state, the model card; put the run in
+    place of the one it replaces (``run``: `prepare_run`'s); push if asked. Returns the evaluation
+    history and the best evaluation."""
     import dataclasses
 
     from .publish import push_folder_to_hub, save_model_folder, write_model_card
@@ -222,6 +312,9 @@ def finish_run(trainer, tokenizer, moe_args, data_args, *, task, auto_class, met
     settings = {**dataclasses.asdict(moe_args), **dataclasses.asdict(data_args)}
     settings.update({name: getattr(args, name) for name in TRAINING_SETTINGS if hasattr(args, name)})
     settings = {k: v.value if hasattr(v, "value") else v for k, v in settings.items()}
+    settings["output_dir"] = run.output_dir  # not the staging folder it is written to
+    # The precision the trainer ran with (--bf16/--fp16, or the launcher's ACCELERATE_MIXED_PRECISION).
+    settings["mixed_precision"] = str(trainer.accelerator.mixed_precision)
     trainer.save_state()
     history, routing = evaluation_history(trainer.state.log_history, metric_names)
     best_step = trainer.state.best_global_step or (history[-1]["step"] if history else None)
@@ -269,7 +362,11 @@ def finish_run(trainer, tokenizer, moe_args, data_args, *, task, auto_class, met
                 f"training subset {final['train']['loss']:.4f}, gap {final['gap']:+.4f}"
                 + (f"; best step {best['step']}" if best else "")
             )
-        if hub_repo is not None:
-            print(push_folder_to_hub(args.output_dir, hub_repo))
-        print(f"Saved the fine-tuned {saved['kind']} in {os.path.abspath(args.output_dir)}")
-    return {"history": history, "best": best, "output_dir": args.output_dir, "log_history": trainer.state.log_history}
+        if args.output_dir != run.output_dir:
+            publish_staged_run(args.output_dir, run.output_dir)
+        if run.hub_repo is not None:
+            print(push_folder_to_hub(run.output_dir, run.hub_repo))
+        print(f"Saved the fine-tuned {saved['kind']} in {os.path.abspath(run.output_dir)}")
+    trainer.accelerator.wait_for_everyone()
+    args.output_dir = run.output_dir
+    return {"history": history, "best": best, "output_dir": run.output_dir, "log_history": trainer.state.log_history}

@@ -15,6 +15,14 @@ SETTINGS_FILE = "finetune_config.yaml"
 HISTORY_FILE = "evaluations.json"
 
 
+def is_inside(path: str, folder: str) -> bool:
+    """Whether the local ``path`` is ``folder`` or lies inside it (a Hub name is never inside)."""
+    if not os.path.exists(path):
+        return False
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder + os.sep)
+
+
 def save_model_folder(
     accelerator, model, tokenizer, config, output_dir: str, settings: dict, base_on_disk: bool = True
 ) -> dict:
@@ -38,6 +46,10 @@ def save_model_folder(
         else:
             saved["kind"] = "adapter"
             saved["model"] = unwrapped.get_base_model()
+    # The folder the run ends up in (output_dir may be the staging folder of a run that replaces another):
+    # a base inside it is replaced too, and the adapter must name the base where it will be.
+    final_dir = settings.get("output_dir") or output_dir
+    base_on_disk = base_on_disk and not is_inside(config.model_name_or_path, final_dir)
     if accelerator.is_main_process:
         os.makedirs(output_dir, exist_ok=True)
         if saved["kind"] == "adapter" and (config.upcycle_routing is not None or not base_on_disk):
@@ -48,7 +60,11 @@ def save_model_folder(
             base = unwrapped.unload()  # frozen base weights; the adapter holds every trained tensor
             base.save_pretrained(base_folder)
             tokenizer.save_pretrained(base_folder)
-            saved["base_model_folder"] = base_folder
+            final_base = os.path.join(os.path.abspath(final_dir), "base_model")
+            if final_base != base_folder:
+                name_adapter_base(output_dir, final_base)
+                unwrapped.peft_config["default"].base_model_name_or_path = final_base
+            saved["base_model_folder"] = final_base
         else:
             unwrapped.save_pretrained(output_dir, state_dict=state_dict)
         tokenizer.save_pretrained(output_dir)
@@ -57,6 +73,16 @@ def save_model_folder(
             yaml.safe_dump(settings, f, sort_keys=False)
     accelerator.wait_for_everyone()
     return saved
+
+
+def name_adapter_base(adapter_dir: str, base_folder: str) -> None:
+    """Point the saved adapter at ``base_folder`` (its base's place once the run is published)."""
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    with open(path) as f:
+        adapter_config = json.load(f)
+    adapter_config["base_model_name_or_path"] = base_folder
+    with open(path, "w") as f:
+        json.dump(adapter_config, f, indent=2, sort_keys=True)
 
 
 def moe_architecture_rows(model) -> list[tuple[str, str]]:
@@ -110,7 +136,9 @@ def write_model_card(
     with open(os.path.join(output_dir, HISTORY_FILE), "w") as f:
         json.dump({"evaluations": history, "best": best, "routing": routing}, f, indent=1)
     final = history[-1]
-    model_name = settings.get("hub_model_id") or os.path.basename(os.path.abspath(output_dir))
+    model_name = settings.get("hub_model_id") or os.path.basename(
+        os.path.abspath(settings.get("output_dir") or output_dir)
+    )
     task_type = "text-generation" if task == "causal-lm" else "text-classification"
     dataset_type = settings.get("dataset_name") or "local files"
     eval_results = [

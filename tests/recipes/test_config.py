@@ -57,7 +57,7 @@ def test_bad_values_are_reported_together():
     for expected in (
         "train_parameters must be one of ['all', 'non_moe', 'routers', 'lora'], got 'experts'",
         "expert_dropout must be in [0, 1), got 1.5",
-        "capacity_factor must be a number > 0 or 'dropless' (unset keeps the checkpoint's), got 'lots'",
+        "capacity_factor must be a finite number > 0 or 'dropless' (unset keeps the checkpoint's), got 'lots'",
         "router_z_loss_coef must be >= 0, got -1.0",
         "upcycle_routing must be one of ['switch', 'expert_choice'], got 'hash'",
     ):

@@ -1,6 +1,7 @@
 """The end-to-end demo (README command 1): dense LM -> upcycled Switch MoE -> fine-tuned through the CLM recipe."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,9 +11,13 @@ from recipe_helpers import REPO
 
 
 def run_demo(output_dir, *args: str) -> subprocess.CompletedProcess:
+    # FutureWarnings are errors, in the demo and the recipe runs it launches: the demo's settings must use
+    # current names (TRL's default gradient_checkpointing=True warned "deprecated ... activation_checkpointing").
+    environment = {**os.environ, "PYTHONWARNINGS": "error::FutureWarning"}
     result = subprocess.run(
         [sys.executable, str(REPO / "recipes" / "demo.py"), "--output_dir", str(output_dir), *args],
         cwd=REPO,
+        env=environment,
         capture_output=True,
         text=True,
         timeout=900,
