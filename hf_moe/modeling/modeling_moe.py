@@ -361,8 +361,9 @@ class MoePreTrainedModel(PreTrainedModel):
         for block in blocks:
             block.last_routing = None
         if self.training and self.config.model_type == "expert_choice_moe":
+            data_parallel = self._is_data_parallel()
             for block, record in zip(blocks, records, strict=True):
-                block.router.update_thresholds(record.capacity_scores)
+                block.router.update_thresholds(record.capacity_scores, data_parallel)
 
         extras = {}
         if output_routing_stats is not False or labels is not None or self.training:
@@ -382,6 +383,17 @@ class MoePreTrainedModel(PreTrainedModel):
         if loss is not None:
             output.loss = loss
         return output.to_tuple() if return_dict is False else output
+
+    def _is_data_parallel(self) -> bool:
+        """Whether several processes train this model together, each on its part of the batch (any
+        torch.distributed launch: transformers' DistributedConfig, accelerate, DDP), so that state
+        learned from the batch, such as Expert-Choice thresholds, is reduced over all of them. Every
+        process then runs each training forward, as data parallelism does. Not with pipeline
+        stages, whose processes hold different layers."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return False
+        pipeline_stages = getattr(getattr(self.config, "distributed_config", None), "pp_size", None) or 1
+        return pipeline_stages == 1 and torch.distributed.get_world_size() > 1
 
     def _zero_without_targets(self, loss: torch.Tensor, labels: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """A batch without any target token (all padding, labels all -100) has a task loss of 0 rather
