@@ -100,12 +100,17 @@ def batch(tmp_path_factory) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids.masked_fill(attention_mask == 0, 0), "attention_mask": attention_mask}
 
 
-def launch(tmp_path: Path, processes: int, tasks: list[dict], batch: dict) -> list[dict]:
-    """Run the tasks under ``torchrun --nproc_per_node processes``; each rank's results."""
+def launch(tmp_path: Path, processes: int, tasks: list[dict], batch: dict, gpus: bool = False) -> list[dict]:
+    """Run the tasks under ``torchrun --nproc_per_node processes``; each rank's results.
+
+    The processes use the CPU (gloo) unless ``gpus``: transformers takes any visible GPU.
+    """
     torch.save(batch, tmp_path / "inputs.pt")
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"inputs": str(tmp_path / "inputs.pt"), "out": str(tmp_path), "tasks": tasks}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+    if not gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     result = subprocess.run(
         [*command, str(WORKER), str(spec)], env=env, capture_output=True, text=True, timeout=600, check=False
@@ -276,3 +281,66 @@ def test_a_training_step_equals_one_process_and_its_checkpoint_loads_in_one_proc
         _, data_rank = rows_of_rank(rank, task["distributed"])
         expected_loss = losses[data_rank] if len(losses) > 1 else losses[0]
         assert abs(rank_results[f"{task['name']}/loss"].item() - expected_loss.item()) <= ROUTING_TOLERANCE
+
+
+FOUR_RANK_TASKS = [
+    # each expert on two ranks, FSDP-sharded between them (efsdp = fsdp * tp / ep = 2)
+    {
+        "name": "train_switch_efsdp",
+        "checkpoint": "switch",
+        "distributed": {"ep_size": 2, "fsdp_size": 4},
+        "mode": "train",
+    },
+    # one expert per rank
+    {"name": "switch_ep4", "checkpoint": "switch", "distributed": {"ep_size": 4, "fsdp_size": 4}, "mode": "forward"},
+]
+
+
+def test_four_ranks_train_and_forward_as_one_process(checkpoints, batch, train_batch, tmp_path):
+    tasks = [{**task, "lr": LR, "checkpoint": str(checkpoints[task["checkpoint"]])} for task in FOUR_RANK_TASKS]
+    results = launch(tmp_path, 4, tasks, train_batch)
+    train, forward = FOUR_RANK_TASKS
+    expected, losses = one_process_step(checkpoints["switch"], train_batch, train["distributed"], micro_batches=True)
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / train["name"]).state_dict()
+    for name, tensor in expected.items():
+        difference = (got[name] - tensor).abs().max().item()
+        assert difference <= ROUTING_TOLERANCE, f"{train['name']}: {name} differs by {difference:.3g}"
+    for rank, rank_results in enumerate(results):
+        assert abs(rank_results[f"{train['name']}/loss"] - losses[rank]).item() <= ROUTING_TOLERANCE
+        assert rank_results[f"{forward['name']}/experts_per_rank"].tolist() == [1, 1]
+        reference = one_process_forward(checkpoints["switch"], forward, train_batch, rank)
+        assert_same(rank_results, reference, forward["name"])
+
+
+GPU_TOLERANCE = 1e-4  # CUDA kernels against the CPU in float32
+
+
+def test_on_gpus(request, checkpoints, batch, train_batch, tmp_path):
+    """The GPU check (benchmarks/gpu_check.sh): ``ep_size=2, fsdp_size=2`` over NCCL with two GPUs or
+    more; with one, the same tasks in one process (ep_size=1) as a sanity run of the GPU kernels."""
+    if request.config.getoption("--device") != "cuda" or not torch.cuda.is_available():
+        pytest.skip("GPU check: run with --device cuda on a machine with a GPU (benchmarks/gpu_check.sh)")
+    processes = 2 if torch.cuda.device_count() >= 2 else 1
+    distributed, load = (EP2_FSDP2, {}) if processes == 2 else ({"ep_size": 1}, {"device_map": "cuda"})
+    forward = [
+        {"name": "switch", "checkpoint": "switch", "generate": 5},
+        {"name": "expert_choice", "checkpoint": "expert_choice", "load": EXPERT_CHOICE_ROUTING},
+    ]
+    forward = [{**task, "distributed": distributed, "load": {**task.get("load", {}), **load}} for task in forward]
+    train = {"name": "train_switch", "checkpoint": "switch", "distributed": distributed, "load": load, "lr": LR}
+    tasks = [*forward_tasks(forward, checkpoints), {**train, "mode": "train", "checkpoint": str(checkpoints["switch"])}]
+    results = launch(tmp_path, processes, tasks, train_batch, gpus=True)
+    for rank, rank_results in enumerate(results):
+        for task in forward:
+            on_cpu = {**task, "load": {key: value for key, value in task["load"].items() if key != "device_map"}}
+            reference = one_process_forward(checkpoints[task["checkpoint"]], on_cpu, train_batch, rank)
+            for field, expected in reference.items():
+                actual = rank_results[f"{task['name']}/{field}"]
+                if field == "generated":
+                    assert torch.equal(actual, expected), f"{task['name']}: greedy tokens differ"
+                else:
+                    torch.testing.assert_close(actual, expected, atol=GPU_TOLERANCE, rtol=GPU_TOLERANCE)
+    expected, _ = one_process_step(checkpoints["switch"], train_batch, distributed, micro_batches=True)
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "train_switch").state_dict()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, atol=GPU_TOLERANCE, rtol=GPU_TOLERANCE, msg=name)

@@ -11,6 +11,7 @@ out/rank<r>.pt, {"<task>/<field>": tensor}; a train task also saves the trained 
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     out = Path(spec["out"])
     batch = torch.load(spec["inputs"])
+    rank = int(os.environ["RANK"])  # transformers starts the process group only for a mesh of more than one
     results = {}
     for task in spec["tasks"]:
         distributed = DistributedConfig(**task["distributed"])
@@ -57,17 +59,19 @@ def main(spec_path: str) -> None:
             task["checkpoint"], distributed_config=distributed, **task.get("load", {})
         )
         # The dense mesh is (fsdp, tp) with tp inner: the ranks of a tensor-parallel group share rows.
-        local = data_slice(batch, distributed.fsdp_size, dist.get_rank() // distributed.tp_size)
+        local = data_slice(batch, distributed.fsdp_size, rank // distributed.tp_size)
+        local = {key: value.to(model.device) for key, value in local.items()}
         if task["mode"] == "train":
             fields = train_step(model, local, task["lr"])
             model.save_pretrained(Path(out) / task["name"])  # on every rank: rank 0 writes the gathered weights
         else:
             fields = forward_results(model, local, task.get("generate", 0))
             fields.update(experts_held(model))
-        results.update({f"{task['name']}/{field}": value for field, value in fields.items()})
-    torch.save(results, out / f"rank{dist.get_rank()}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+        results.update({f"{task['name']}/{field}": value.cpu() for field, value in fields.items()})
+    torch.save(results, out / f"rank{rank}.pt")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
