@@ -226,6 +226,17 @@ class GroupedExperts(nn.Module):
         return WeightedScatterAdd.compute(expert_out, weight, row_idx, num_rows)
 
 
+    def __reduce_ex__(self, protocol):
+        # The class is made at run time (`grouped_experts_class`): pickle and deepcopy name the
+        # dense class it extends instead, and make the class again from it.
+        return _new_grouped_experts, (type(self).__bases__[1],), self.__dict__
+
+
+def _new_grouped_experts(mlp_class: type) -> GroupedExperts:
+    cls = grouped_experts_class(mlp_class)
+    return cls.__new__(cls)
+
+
 @functools.cache
 def grouped_experts_class(mlp_class: type) -> type:
     """``GroupedExperts`` in front of a dense MLP class; created once per class."""
