@@ -8,7 +8,10 @@
 # 2. the layer benchmark at the issue's GPU sizes (bf16, 16384 tokens, hidden 2048, intermediate 5632,
 #    8 and 64 experts) against the dense reference and transformers' grouped_mm Mixtral block;
 # 3. the model benchmark on CUDA: training throughput and decode latency against the dense backbone;
-# 4. one short FSDP2 run of the causal-LM recipe under `accelerate launch` (recipes/accelerate/fsdp2.yaml).
+# 4. one short FSDP2 run of the causal-LM recipe under `accelerate launch` (recipes/accelerate/fsdp2.yaml);
+# 5. expert parallelism through transformers' DistributedConfig (tests/distributed, test_on_gpus): with two
+#    GPUs or more, `ep_size=2, fsdp_size=2` over NCCL; with one, `ep_size=1` in one process; forward,
+#    greedy generation and one training step against one CPU process, and the saved checkpoint.
 #
 # Each step has its own time limit and log; a failing step does not stop the later ones. The last
 # lines of summary.txt give each step's exit status (0 = passed; 124 = ran past its limit).
@@ -53,3 +56,5 @@ step bench_layer_cuda 300 "$PYTHON" benchmarks/bench_layer.py --device cuda --dt
     --tokens 16384 --hidden 2048 --intermediate 5632 --experts 8 64
 step bench_model_cuda 240 "$PYTHON" benchmarks/bench_model.py --device cuda
 step fsdp2_recipe 240 "$PYTHON" -m pytest tests/recipes/test_launch.py -k fsdp2_trains_and_saves -q -rs -p no:cacheprovider
+step ep_fsdp_cuda 300 "$PYTHON" -m pytest tests/distributed/test_expert_parallel.py -k on_gpus --device cuda -q -rs \
+    -p no:cacheprovider
