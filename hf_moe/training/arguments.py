@@ -10,6 +10,7 @@ construction and reports every problem at once.
 import os
 from dataclasses import dataclass, field
 
+from hf_moe.modeling.configuration_moe import BALANCE_SCOPES
 from hf_moe.upcycling import EXPERT_INITS, ROUTINGS
 
 TRAIN_PARAMETER_CHOICES = ("all", "non_moe", "routers", "lora")
@@ -57,6 +58,10 @@ class MoeArguments:
     capacity_factor: str | None = field(default=None, metadata={"help": "a number > 0, or 'dropless'"})
     eval_capacity_factor: str | None = field(default=None, metadata={"help": "a number > 0, or 'dropless'"})
     router_jitter_noise: float | None = None
+    balance_scope: str | None = field(
+        default=None,
+        metadata={"help": f"tokens the balancing loss counts over: one of {BALANCE_SCOPES} (SwitchMoeConfig)"},
+    )
     # What trains.
     train_parameters: str = field(default="all", metadata={"help": f"one of {TRAIN_PARAMETER_CHOICES}"})
     lora_r: int = 8
@@ -107,6 +112,8 @@ class MoeArguments:
             value = getattr(self, name)
             if value is not None and not 0 <= value < 1:
                 found.append(f"{name} must be in [0, 1), got {value!r}")
+        if self.balance_scope is not None and self.balance_scope not in BALANCE_SCOPES:
+            found.append(f"balance_scope must be one of {list(BALANCE_SCOPES)}, got {self.balance_scope!r}")
         for name in ("capacity_factor", "eval_capacity_factor"):
             value = getattr(self, name)
             if value is None or value == "dropless":

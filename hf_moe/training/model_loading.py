@@ -16,6 +16,7 @@ MOE_OPTIONS = (
     "capacity_factor",
     "eval_capacity_factor",
     "router_jitter_noise",
+    "balance_scope",
 )
 # Dropout fields of dense decoder configs across architectures (llama/qwen/mistral: attention_dropout;
 # gpt2: resid/embd/attn_pdrop; others: hidden_dropout, dropout).
