@@ -7,6 +7,7 @@ are the trainer's own (`TrainingArguments` / `SFTConfig`). Each dataclass checks
 construction and reports every problem at once.
 """
 
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -62,6 +63,14 @@ class MoeArguments:
         default=None,
         metadata={"help": f"tokens the balancing loss counts over: one of {BALANCE_SCOPES} (SwitchMoeConfig)"},
     )
+    # Sharding at load time with transformers' own engine (FSDP2, expert and tensor parallelism).
+    distributed_config: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "transformers.distributed.DistributedConfig fields, a dict or JSON, e.g. '{\"fsdp_size\": 2}': "
+            "the model is sharded at load time; launch one process per rank with torchrun or accelerate launch"
+        },
+    )
     # What trains.
     train_parameters: str = field(default="all", metadata={"help": f"one of {TRAIN_PARAMETER_CHOICES}"})
     lora_r: int = 8
@@ -112,6 +121,7 @@ class MoeArguments:
             value = getattr(self, name)
             if value is not None and not 0 <= value < 1:
                 found.append(f"{name} must be in [0, 1), got {value!r}")
+        found += self._distributed_config_problems()
         if self.balance_scope is not None and self.balance_scope not in BALANCE_SCOPES:
             found.append(f"balance_scope must be one of {list(BALANCE_SCOPES)}, got {self.balance_scope!r}")
         for name in ("capacity_factor", "eval_capacity_factor"):
@@ -133,6 +143,34 @@ class MoeArguments:
                 "with upcycle_routing set (the MoE run's settings), got upcycle_routing None"
             )
         _raise("MoeArguments", found)
+
+    def _distributed_config_problems(self) -> list[str]:
+        if isinstance(self.distributed_config, str):
+            try:
+                self.distributed_config = json.loads(self.distributed_config)
+            except json.JSONDecodeError as error:
+                return [f"distributed_config must be a JSON object of DistributedConfig fields ({error})"]
+        if self.distributed_config is None:
+            return []
+        if not isinstance(self.distributed_config, dict):
+            return [f"distributed_config must map DistributedConfig fields to values, got {self.distributed_config!r}"]
+        from dataclasses import fields
+
+        from transformers.distributed import DistributedConfig
+
+        allowed = [f.name for f in fields(DistributedConfig)]
+        unknown = sorted(set(self.distributed_config) - set(allowed))
+        found = [f"distributed_config keys must be among {allowed}, got {unknown}"] if unknown else []
+        if self.train_parameters == "lora":
+            found.append(
+                "distributed_config does not apply to train_parameters 'lora' (saving a sharded adapter is not wired)"
+            )
+        if self.upcycle_routing is not None and not self.dense_control:
+            found.append(
+                "distributed_config shards a checkpoint while it loads: upcycle it first (hf-moe upcycle) and give "
+                "that folder as model_name_or_path, got upcycle_routing set"
+            )
+        return found
 
     def moe_layers(self) -> str | list[int]:
         value = self.upcycle_moe_layers
