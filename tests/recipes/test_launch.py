@@ -151,7 +151,7 @@ def test_fsdp2_without_gpus_fails_at_start_with_a_clear_message(assets, tmp_path
     reason=(
         "accelerate's FSDP2 needs a GPU: accelerate 1.15/1.16 turns FSDP on only for accelerator devices "
         "(AcceleratorState keeps MULTI_CPU as plain DDP); no GPU on this machine. On CPUs FSDP2 runs through "
-        "distributed_config: see test_fsdp2_on_cpu_trains_as_one_process_with_global_balancing"
+        "distributed_config: see test_sharded_on_cpu_trains_as_one_process_with_global_balancing"
     ),
 )
 def test_fsdp2_trains_and_saves(assets, tmp_path):
@@ -163,10 +163,12 @@ def test_fsdp2_trains_and_saves(assets, tmp_path):
     assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), hf_moe.SwitchMoeForCausalLM)
 
 
-# Sharded at load time with transformers' engine (FSDP2 through `distributed_config`), which runs on CPU
-# processes with gloo, and the balancing loss over the global batch: with the same examples per step the
-# run must train exactly as one process does, router terms included.
+# Sharded at load time by transformers' engine (FSDP2 and expert parallelism through `distributed_config`),
+# which runs on CPU processes with gloo, with the balancing loss over the global batch: with the same
+# examples per step the run must train exactly as one process does, router terms included.
 SHARDED = {"router_aux_loss_coef": 0.01, "balance_scope": "global_batch", "max_steps": 6, "eval_steps": 3}
+# FSDP2 alone, and expert parallelism (each process holds half of the experts) with FSDP2.
+SHARDINGS = {"fsdp": {"fsdp_size": 2}, "ep_fsdp": {"ep_size": 2, "fsdp_size": 2}}
 
 
 def torchrun_recipe(name: str, settings: dict, tmp_path, processes: int = 2) -> subprocess.CompletedProcess:
@@ -190,27 +192,33 @@ def sharded_runs(assets, tmp_path_factory) -> dict[str, Path]:
         "one_process.yaml",
         launch_args=["--mixed_precision", "no"],
     )
-    settings = clm_settings(
-        assets, root / "fsdp", per_device_train_batch_size=4, distributed_config={"fsdp_size": 2}, **SHARDED
-    )
-    fsdp = torchrun_recipe("finetune_clm", settings, root)
-    assert "2 process(es), MULTI_CPU, mixed precision no, MoE, sharded at load time {'fsdp_size': 2}" in fsdp.stdout
-    return {"one": root / "one", "fsdp": root / "fsdp"}
+    runs = {"one": root / "one"}
+    for setup, distributed_config in SHARDINGS.items():
+        settings = clm_settings(
+            assets, root / setup, per_device_train_batch_size=4, distributed_config=distributed_config, **SHARDED
+        )
+        result = torchrun_recipe("finetune_clm", settings, root)
+        start_line = f"2 process(es), MULTI_CPU, mixed precision no, MoE, sharded at load time {distributed_config}"
+        assert start_line in result.stdout
+        runs[setup] = root / setup
+    return runs
 
 
-def test_fsdp2_on_cpu_trains_as_one_process_with_global_balancing(sharded_runs):
-    one, fsdp = (load_file(str(sharded_runs[s] / "model.safetensors")) for s in ("one", "fsdp"))
-    assert set(fsdp) == set(one)
+@pytest.mark.parametrize("setup", list(SHARDINGS))
+def test_sharded_on_cpu_trains_as_one_process_with_global_balancing(sharded_runs, setup):
+    one, sharded = (load_file(str(sharded_runs[s] / "model.safetensors")) for s in ("one", setup))
+    assert set(sharded) == set(one)
     for name in one:
-        torch.testing.assert_close(fsdp[name], one[name], atol=1e-5, rtol=1e-4, msg=name)
-    records = {setup: train_records(sharded_runs[setup]) for setup in ("one", "fsdp")}
+        torch.testing.assert_close(sharded[name], one[name], atol=1e-5, rtol=1e-4, msg=name)
+    records = {s: train_records(sharded_runs[s]) for s in ("one", setup)}
     for key in ("loss", "aux_loss"):  # the balancing loss of 2 processes is the one of the whole batch
-        assert [r[key] for r in records["fsdp"]] == pytest.approx([r[key] for r in records["one"]], abs=1e-5)
-    assert records["fsdp"][-1]["loss"] < records["fsdp"][0]["loss"]
+        assert [r[key] for r in records[setup]] == pytest.approx([r[key] for r in records["one"]], abs=1e-5)
+    assert records[setup][-1]["loss"] < records[setup][0]["loss"]
 
 
-def test_fsdp2_on_cpu_saves_a_model_that_loads_in_one_process(sharded_runs):
-    out = sharded_runs["fsdp"]
+@pytest.mark.parametrize("setup", list(SHARDINGS))
+def test_sharded_on_cpu_saves_a_model_that_loads_in_one_process(sharded_runs, setup):
+    out = sharded_runs[setup]
     # The folder carries hf_moe's code (not torch's FSDP wrapper class) and no sharding settings.
     assert (out / "modeling_moe.py").is_file() and not list(out.glob("_fsdp*.py"))
     model = AutoModelForCausalLM.from_pretrained(out)
