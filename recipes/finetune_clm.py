@@ -71,6 +71,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"{trainer.accelerator.num_processes} process(es), {trainer.accelerator.distributed_type.value}, "
         f"mixed precision {trainer.accelerator.mixed_precision}, {'dense control' if moe_args.dense_control else 'MoE'}"
+        + (
+            f", sharded at load time {moe_args.distributed_config}"
+            if trainer.is_distributed_loading_by_transformers
+            else ""
+        )
     )
     trainer.train(resume_from_checkpoint=run.checkpoint)
     return finish_run(

@@ -22,6 +22,7 @@ MOE_LAYER_SHORTHANDS = ("all", "every_other", "last_half")
 # Label fields of a classifier: the nested decoder builds the head, pipelines read the outer config.
 LABEL_FIELDS = ("id2label", "label2id")
 INFERENCE_ROUTINGS = ("expert_choice", "threshold")
+BALANCE_SCOPES = ("micro_batch", "global_batch")
 
 
 def resolve_moe_layers(moe_layers, num_hidden_layers: int) -> list[int]:
@@ -147,6 +148,14 @@ class SwitchMoeConfig(MoeConfig):
         eval_capacity_factor: the same for evaluation and generation; ``None`` (default) = dropless.
         router_jitter_noise: multiplicative jitter epsilon on the router input, training only.
         router_aux_loss_coef: load-balancing loss coefficient (Switch eq. 4, default 1e-2).
+        balance_scope: the tokens over which the load-balancing loss counts each expert's share f_i.
+            ``"micro_batch"`` (default): this process's batch. ``"global_batch"``: in training
+            forwards, the counts are summed over every process of the data-parallel group (Qiu et al.
+            2025, "Demons in the Detail", arXiv 2501.11873), so the loss, its value and its gradient,
+            equals that of one process on the concatenated batch; without torch.distributed it equals
+            ``"micro_batch"``. Micro-batches of one optimizer step (gradient accumulation) run one
+            after the other and are not pooled. The default stays ``"micro_batch"`` until a measured
+            comparison chooses.
         router_z_loss_coef: router z-loss coefficient (ST-MoE eq. 5, default 1e-3).
         expert_dropout: dropout on the experts' hidden activation, training only (Switch Table 4 uses 0.4).
         router_init_std: std of the router's normal initialisation (T5X/flaxformer: 0.02).
@@ -161,6 +170,7 @@ class SwitchMoeConfig(MoeConfig):
     eval_capacity_factor: float | None = None
     router_jitter_noise: float = 0.0
     router_aux_loss_coef: float = 1e-2
+    balance_scope: str = "micro_batch"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -174,6 +184,8 @@ class SwitchMoeConfig(MoeConfig):
         problems += _check_capacity("eval_capacity_factor", self.eval_capacity_factor, allow_none=True)
         problems += _check_number("router_jitter_noise", self.router_jitter_noise, "in [0, 1)", lambda v: 0 <= v < 1)
         problems += _check_number("router_aux_loss_coef", self.router_aux_loss_coef, ">= 0", lambda v: v >= 0)
+        if self.balance_scope not in BALANCE_SCOPES:
+            problems.append(f"balance_scope must be one of {list(BALANCE_SCOPES)}, got {self.balance_scope!r}")
         self._finish(problems)
 
 

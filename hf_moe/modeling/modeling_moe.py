@@ -153,21 +153,54 @@ def moe_output_class(backbone_output_class: type) -> type:
     )
 
 
-def load_balancing_loss(record: RoutingRecord, token_mask: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Switch eq. 4-6: L_B = E * sum_i f_i * P_i over non-padding tokens.
+def load_balancing_loss(
+    records: list[RoutingRecord], token_mask: torch.Tensor, num_experts: int, scope: str = "micro_batch"
+) -> torch.Tensor:
+    """Switch eq. 4-6: L_B = E * sum_i f_i * P_i over non-padding tokens, mean over MoE layers.
 
     f_i is the fraction of the token-choice picks (all k per token, before capacity) that went to
     expert i and P_i the mean router probability of expert i, so L_B = 1 at perfect balance for
     every k (conventions that give k at balance multiply by k).
+
+    ``scope="global_batch"`` (Qiu et al. 2025, "Demons in the Detail", arXiv 2501.11873): the pick counts, the
+    token count and (for the value only) the probability sums are summed over the processes of
+    torch.distributed's default group before f_i and P_i are formed. With R processes, N tokens in
+    all and S^r_i this process's sum of p_i, the global loss is L = E sum_i f_i S_i / N with
+    S_i = sum_r S^r_i; its gradient with respect to this process's probabilities is E f_i / N
+    (f_i carries none). Data parallelism averages gradients over the R processes, so each process
+    returns the global value with the gradient of R * E sum_i f_i S^r_i / N: the average is then
+    the gradient of one process on the concatenated batch, whatever each process's token count.
+    Processes that hold copies of the same tokens (tensor parallelism) scale every sum alike, which
+    leaves both unchanged. Without an initialised process group (or with one process) this is the
+    micro-batch loss.
     """
     # Masked sums rather than boolean indexing, which would read the token count back to the host.
-    probs = record.router_logits.softmax(dim=-1)  # (tokens, experts)
-    valid = token_mask.to(probs.dtype)  # (tokens,)
-    num_valid = valid.sum().clamp(min=1)
-    mean_probs = (probs * valid[:, None]).sum(0) / num_valid
-    top_k = record.top_experts.shape[1]
-    picks = probs.new_zeros(num_experts).index_add_(0, record.top_experts.flatten(), valid.repeat_interleave(top_k))
-    return num_experts * (picks / (num_valid * top_k) * mean_probs).sum()
+    picks, prob_sums = [], []
+    valid = token_mask.to(records[0].router_logits.dtype)  # (tokens,)
+    top_k = records[0].top_experts.shape[1]
+    valid_picks = valid.repeat_interleave(top_k)  # (tokens * k,)
+    for record in records:
+        probs = record.router_logits.softmax(dim=-1)  # (tokens, experts)
+        prob_sums.append((probs * valid[:, None]).sum(0))
+        picks.append(probs.new_zeros(num_experts).index_add_(0, record.top_experts.flatten(), valid_picks))
+    picks, prob_sums = torch.stack(picks), torch.stack(prob_sums)  # (layers, experts)
+    num_tokens = valid.sum()
+    processes = 1
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if scope == "global_batch" and distributed and torch.distributed.get_world_size() > 1:
+        processes = torch.distributed.get_world_size()
+        # One collective for every layer: (layers, experts) picks and probability sums, then the token count.
+        totals = torch.cat([picks.flatten(), prob_sums.detach().flatten(), num_tokens[None]])
+        torch.distributed.all_reduce(totals)
+        picks, total_prob_sums = totals[: picks.numel()].view_as(picks), totals[picks.numel() : -1].view_as(picks)
+        num_tokens = totals[-1]
+    num_tokens = num_tokens.clamp(min=1)
+    fractions = picks / (num_tokens * top_k)  # (layers, experts) f_i
+    local = num_experts * (fractions * (prob_sums * processes / num_tokens)).sum(-1)  # (layers,)
+    if processes == 1:
+        return local.mean()
+    value = num_experts * (fractions * (total_prob_sums / num_tokens)).sum(-1)
+    return (value + (local - local.detach())).mean()
 
 
 def router_z_loss(record: RoutingRecord, token_mask: torch.Tensor) -> torch.Tensor:
@@ -427,7 +460,10 @@ class MoePreTrainedModel(PreTrainedModel):
         num_experts = self.config.num_experts
         aux_loss = None
         if self.config.model_type == "switch_moe":
-            aux_loss = torch.stack([load_balancing_loss(r, valid, num_experts) for r in records]).mean()
+            # Global balancing pools the counts of the data-parallel processes in training forwards only:
+            # evaluation and generation may run on some processes and not others.
+            scope = self.config.balance_scope if self.training and torch.is_grad_enabled() else "micro_batch"
+            aux_loss = load_balancing_loss(records, valid, num_experts, scope)
         expert_load, dropped = [], []
         num_valid = valid.sum().clamp(min=1)
         for r in records:

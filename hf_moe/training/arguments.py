@@ -8,12 +8,14 @@ construction and reports every problem at once.
 """
 
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from hf_moe.modeling.configuration_moe import BALANCE_SCOPES
 from hf_moe.upcycling import EXPERT_INITS, ROUTINGS
 
 TRAIN_PARAMETER_CHOICES = ("all", "non_moe", "routers", "lora")
@@ -72,6 +74,18 @@ class MoeArguments:
     capacity_factor: str | None = field(default=None, metadata={"help": "a number > 0, or 'dropless'"})
     eval_capacity_factor: str | None = field(default=None, metadata={"help": "a number > 0, or 'dropless'"})
     router_jitter_noise: float | None = None
+    balance_scope: str | None = field(
+        default=None,
+        metadata={"help": f"tokens the balancing loss counts over: one of {BALANCE_SCOPES} (SwitchMoeConfig)"},
+    )
+    # Sharding at load time with transformers' own engine (FSDP2, expert and tensor parallelism).
+    distributed_config: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "transformers.distributed.DistributedConfig fields, a dict or JSON, e.g. '{\"fsdp_size\": 2}': "
+            "the model is sharded at load time; launch one process per rank with torchrun or accelerate launch"
+        },
+    )
     # What trains.
     train_parameters: str = field(default="all", metadata={"help": f"one of {TRAIN_PARAMETER_CHOICES}"})
     lora_r: int = 8
@@ -123,6 +137,9 @@ class MoeArguments:
             if value is not None and math.isfinite(value) and not 0 <= value < 1:
                 found.append(f"{name} must be in [0, 1), got {value!r}")
         found += non_finite_options(self)
+        found += self._distributed_config_problems()
+        if self.balance_scope is not None and self.balance_scope not in BALANCE_SCOPES:
+            found.append(f"balance_scope must be one of {list(BALANCE_SCOPES)}, got {self.balance_scope!r}")
         for name in ("capacity_factor", "eval_capacity_factor"):
             value = getattr(self, name)
             if value is None or value == "dropless":
@@ -144,6 +161,34 @@ class MoeArguments:
                 "with upcycle_routing set (the MoE run's settings), got upcycle_routing None"
             )
         _raise("MoeArguments", found)
+
+    def _distributed_config_problems(self) -> list[str]:
+        if isinstance(self.distributed_config, str):
+            try:
+                self.distributed_config = json.loads(self.distributed_config)
+            except json.JSONDecodeError as error:
+                return [f"distributed_config must be a JSON object of DistributedConfig fields ({error})"]
+        if self.distributed_config is None:
+            return []
+        if not isinstance(self.distributed_config, dict):
+            return [f"distributed_config must map DistributedConfig fields to values, got {self.distributed_config!r}"]
+        from dataclasses import fields
+
+        from transformers.distributed import DistributedConfig
+
+        allowed = [f.name for f in fields(DistributedConfig)]
+        unknown = sorted(set(self.distributed_config) - set(allowed))
+        found = [f"distributed_config keys must be among {allowed}, got {unknown}"] if unknown else []
+        if self.train_parameters == "lora":
+            found.append(
+                "distributed_config does not apply to train_parameters 'lora' (saving a sharded adapter is not wired)"
+            )
+        if self.upcycle_routing is not None and not self.dense_control:
+            found.append(
+                "distributed_config shards a checkpoint while it loads: upcycle it first (hf-moe upcycle) and give "
+                "that folder as model_name_or_path, got upcycle_routing set"
+            )
+        return found
 
     def moe_layers(self) -> str | list[int]:
         value = self.upcycle_moe_layers

@@ -16,6 +16,7 @@ MOE_OPTIONS = (
     "capacity_factor",
     "eval_capacity_factor",
     "router_jitter_noise",
+    "balance_scope",
 )
 # Dropout fields of dense decoder configs across architectures (llama/qwen/mistral: attention_dropout;
 # gpt2: resid/embd/attn_pdrop; others: hidden_dropout, dropout).
@@ -55,6 +56,18 @@ def set_backbone_dropout(dense_config, rate: float) -> list[str]:
     return names
 
 
+def distributed_kwargs(config) -> dict:
+    """``from_pretrained``'s ``distributed_config`` from `MoeArguments.distributed_config` (empty without one)."""
+    if config.distributed_config is None:
+        return {}
+    from transformers.distributed import DistributedConfig
+
+    try:
+        return {"distributed_config": DistributedConfig(**config.distributed_config)}
+    except ValueError as error:
+        raise ValueError(f"distributed_config {config.distributed_config}: {error}") from error
+
+
 def load_model_for_finetuning(config, auto_class, **head_fields):
     """Build the model of ``auto_class``'s head from ``config.model_name_or_path`` (a `MoeArguments`).
 
@@ -62,7 +75,8 @@ def load_model_for_finetuning(config, auto_class, **head_fields):
     ``dense_control`` the dense model itself, with the same dropout. ``head_fields`` (num_labels,
     id2label, label2id, pad_token_id) go on the config that builds the head. The MoE options are set
     on the MoE config before construction, so capacity factors and expert dropout reach the modules.
-    Weights load in float32; mixed precision is the trainer's.
+    Weights load in float32; mixed precision is the trainer's. With ``distributed_config`` transformers
+    shards the model while it loads (FSDP2, expert or tensor parallelism) and the Trainer leaves it as is.
     """
     source = AutoConfig.from_pretrained(config.model_name_or_path)
     is_moe = source.model_type in MOE_MODEL_TYPES
@@ -88,7 +102,9 @@ def load_model_for_finetuning(config, auto_class, **head_fields):
             )
         # Rebuilding the config re-runs its own validation on the new values.
         source = type(source).from_dict({**source.to_dict(), **options})
-        return auto_class.from_pretrained(config.model_name_or_path, config=source, dtype=torch.float32)
+        return auto_class.from_pretrained(
+            config.model_name_or_path, config=source, dtype=torch.float32, **distributed_kwargs(config)
+        )
 
     if config.upcycle_routing is None:
         raise ValueError(
@@ -97,7 +113,9 @@ def load_model_for_finetuning(config, auto_class, **head_fields):
         )
     from hf_moe.upcycling import upcycle_model
 
-    dense = auto_class.from_pretrained(config.model_name_or_path, config=dense_config, dtype=torch.float32)
+    dense = auto_class.from_pretrained(
+        config.model_name_or_path, config=dense_config, dtype=torch.float32, **distributed_kwargs(config)
+    )
     if config.dense_control:
         return dense
     overrides = dict(options)
@@ -141,7 +159,7 @@ def fit_length_to_positions(model, length: int | None, flag: str) -> int | None:
 def check_process_group(accelerator) -> None:
     """Fail when the launch asked for something accelerate did not set up: several processes that
     joined no process group (they would train independently), or FSDP that fell back to DDP
-    (accelerate 1.15 enables FSDP only on accelerator devices, not for CPU processes)."""
+    (accelerate 1.15 and 1.16 enable FSDP only on accelerator devices, not for CPU processes)."""
     import os
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -157,5 +175,6 @@ def check_process_group(accelerator) -> None:
         raise ValueError(
             f"the accelerate config asks for FSDP but accelerate set up {accelerator.distributed_type.value!r}: "
             "accelerate enables FSDP only on GPUs (or other accelerators), not for CPU processes; "
-            "on CPUs use recipes/accelerate/data_parallel.yaml"
+            "on CPUs shard with distributed_config (e.g. '{\"fsdp_size\": 2}' under torchrun) or use "
+            "recipes/accelerate/data_parallel.yaml"
         )

@@ -1,6 +1,7 @@
 """The output folder of a fine-tuning run: model or PEFT adapter, tokenizer, resolved settings,
 model card with an expert-load plot, and the optional upload with the standard Hub client."""
 
+import contextlib
 import json
 import os
 
@@ -23,6 +24,24 @@ def is_inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder + os.sep)
 
 
+@contextlib.contextmanager
+def code_of_wrapped_class(model):
+    """FSDP2's ``fully_shard`` turns the model's class into a subclass ``FSDP<Class>`` defined in torch; for
+    the duration of a save, that subclass takes the module and name of the model's own class, so that
+    save_pretrained copies hf_moe's code next to the weights and names it in ``auto_map`` (not torch's)."""
+    sharded = type(model)
+    own = next((base for base in sharded.__bases__ if sharded.__name__ == "FSDP" + base.__name__), None)
+    if own is None:
+        yield
+        return
+    names = sharded.__module__, sharded.__name__, sharded.__qualname__
+    sharded.__module__, sharded.__name__, sharded.__qualname__ = own.__module__, own.__name__, own.__qualname__
+    try:
+        yield
+    finally:
+        sharded.__module__, sharded.__name__, sharded.__qualname__ = names
+
+
 def save_model_folder(
     accelerator, model, tokenizer, config, output_dir: str, settings: dict, base_on_disk: bool = True
 ) -> dict:
@@ -36,8 +55,18 @@ def save_model_folder(
     the frozen base is saved under ``output_dir/base_model`` and the adapter points there.
     """
     unwrapped = accelerator.unwrap_model(model)
-    state_dict = accelerator.get_state_dict(model)
     saved = {"kind": "model", "base_model_folder": None, "model": unwrapped}
+    if getattr(unwrapped, "is_distributed_loading_by_transformers", False):
+        # Sharded at load time (`distributed_config`): every rank joins the gathers of save_pretrained.
+        with code_of_wrapped_class(unwrapped):
+            unwrapped.save_pretrained(output_dir, is_main_process=accelerator.is_main_process)
+        if accelerator.is_main_process:
+            tokenizer.save_pretrained(output_dir)
+            with open(os.path.join(output_dir, SETTINGS_FILE), "w") as f:
+                yaml.safe_dump(settings, f, sort_keys=False)
+        accelerator.wait_for_everyone()
+        return saved
+    state_dict = accelerator.get_state_dict(model)
     if config.train_parameters == "lora":
         if config.lora_merge:
             unwrapped = unwrapped.merge_and_unload()

@@ -184,3 +184,31 @@ def test_lora_keeps_expert_choice_thresholds_in_the_adapter(config_class, tmp_pa
     with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as saved:
         has_thresholds = any("score_thresholds" in key for key in saved.keys())
     assert has_thresholds == (config_class == "ExpertChoiceMoeConfig")
+
+
+def test_sharding_and_balancing_options_are_checked(tmp_path):
+    with pytest.raises(ValueError) as error:
+        MoeArguments(model_name_or_path="m", balance_scope="global", distributed_config={"fsdp": 2})
+    message = str(error.value)
+    assert "balance_scope must be one of ['micro_batch', 'global_batch'], got 'global'" in message
+    assert "distributed_config keys must be among ['tp_size', " in message and "got ['fsdp']" in message
+    with pytest.raises(ValueError, match="distributed_config must be a JSON object of DistributedConfig fields"):
+        MoeArguments(model_name_or_path="m", distributed_config="fsdp_size=2")
+    with pytest.raises(ValueError, match="upcycle it first .* got upcycle_routing set"):
+        MoeArguments(model_name_or_path="m", upcycle_routing="switch", distributed_config={"fsdp_size": 2})
+    with pytest.raises(ValueError, match="distributed_config does not apply to train_parameters 'lora'"):
+        MoeArguments(
+            model_name_or_path="m", train_parameters="lora", lora_target_modules=["q_proj"], distributed_config={}
+        )
+    # The JSON of the command line and the mapping of a YAML file give the same dict.
+    settings = {
+        "model_name_or_path": "m",
+        "output_dir": "o",
+        "dataset_name": "d",
+        "distributed_config": {"fsdp_size": 2},
+    }
+    path = write_settings(tmp_path / "s.yaml", settings)
+    from_yaml = parse(CLM, ["--config", path])[0]
+    from_flag = parse(CLM, ["--config", path, "--distributed_config", '{"fsdp_size": 2, "ep_size": 2}'])[0]
+    assert from_yaml.distributed_config == {"fsdp_size": 2}
+    assert from_flag.distributed_config == {"fsdp_size": 2, "ep_size": 2}

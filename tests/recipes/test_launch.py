@@ -3,12 +3,23 @@
 Each launched run is shared by the assertions about it (module-scoped fixtures).
 """
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from recipe_helpers import classification_settings, clm_settings, eval_records, launch_recipe, train_records
+from recipe_helpers import (
+    REPO,
+    classification_settings,
+    clm_settings,
+    eval_records,
+    launch_recipe,
+    train_records,
+    write_settings,
+)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -131,15 +142,16 @@ def test_fsdp2_without_gpus_fails_at_start_with_a_clear_message(assets, tmp_path
     result = launch_recipe("finetune_clm", settings, tmp_path, "fsdp2.yaml", check=False)
     assert result.returncode != 0
     assert "accelerate enables FSDP only on GPUs (or other accelerators), not for CPU processes" in result.stderr
+    assert "on CPUs shard with distributed_config" in result.stderr
     assert not (tmp_path / "out" / "trainer_state.json").exists()
 
 
 @pytest.mark.skipif(
     torch.cuda.device_count() < 1,
     reason=(
-        "FSDP2 needs a GPU here: accelerate 1.15 turns FSDP on only for accelerator devices (AcceleratorState "
-        "keeps MULTI_CPU as plain DDP, and `accelerate launch` with use_cpu bypasses the FSDP launcher); "
-        "no GPU on this machine"
+        "accelerate's FSDP2 needs a GPU: accelerate 1.15/1.16 turns FSDP on only for accelerator devices "
+        "(AcceleratorState keeps MULTI_CPU as plain DDP); no GPU on this machine. On CPUs FSDP2 runs through "
+        "distributed_config: see test_sharded_on_cpu_trains_as_one_process_with_global_balancing"
     ),
 )
 def test_fsdp2_trains_and_saves(assets, tmp_path):
@@ -149,3 +161,70 @@ def test_fsdp2_trains_and_saves(assets, tmp_path):
     evaluations = eval_records(tmp_path / "out")
     assert evaluations[-1]["eval_validation_task_loss"] < evaluations[0]["eval_validation_task_loss"]
     assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), hf_moe.SwitchMoeForCausalLM)
+
+
+# Sharded at load time by transformers' engine (FSDP2 and expert parallelism through `distributed_config`),
+# which runs on CPU processes with gloo, with the balancing loss over the global batch: with the same
+# examples per step the run must train exactly as one process does, router terms included.
+SHARDED = {"router_aux_loss_coef": 0.01, "balance_scope": "global_batch", "max_steps": 6, "eval_steps": 3}
+# FSDP2 alone, and expert parallelism (each process holds half of the experts) with FSDP2.
+SHARDINGS = {"fsdp": {"fsdp_size": 2}, "ep_fsdp": {"ep_size": 2, "fsdp_size": 2}}
+
+
+def torchrun_recipe(name: str, settings: dict, tmp_path, processes: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node N recipes/<name>.py --config ...``, the command recipes/README.md gives."""
+    config_file = write_settings(Path(tmp_path) / f"{name}_{Path(settings['output_dir']).name}_torchrun.yaml", settings)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    command += [str(REPO / "recipes" / f"{name}.py"), "--config", config_file]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(assets, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("clm_sharded")
+    launch_recipe(
+        "finetune_clm",
+        clm_settings(assets, root / "one", per_device_train_batch_size=8, **SHARDED),
+        root,
+        "one_process.yaml",
+        launch_args=["--mixed_precision", "no"],
+    )
+    runs = {"one": root / "one"}
+    for setup, distributed_config in SHARDINGS.items():
+        settings = clm_settings(
+            assets, root / setup, per_device_train_batch_size=4, distributed_config=distributed_config, **SHARDED
+        )
+        result = torchrun_recipe("finetune_clm", settings, root)
+        start_line = f"2 process(es), MULTI_CPU, mixed precision no, MoE, sharded at load time {distributed_config}"
+        assert start_line in result.stdout
+        runs[setup] = root / setup
+    return runs
+
+
+@pytest.mark.parametrize("setup", list(SHARDINGS))
+def test_sharded_on_cpu_trains_as_one_process_with_global_balancing(sharded_runs, setup):
+    one, sharded = (load_file(str(sharded_runs[s] / "model.safetensors")) for s in ("one", setup))
+    assert set(sharded) == set(one)
+    for name in one:
+        torch.testing.assert_close(sharded[name], one[name], atol=1e-5, rtol=1e-4, msg=name)
+    records = {s: train_records(sharded_runs[s]) for s in ("one", setup)}
+    for key in ("loss", "aux_loss"):  # the balancing loss of 2 processes is the one of the whole batch
+        assert [r[key] for r in records[setup]] == pytest.approx([r[key] for r in records["one"]], abs=1e-5)
+    assert records[setup][-1]["loss"] < records[setup][0]["loss"]
+
+
+@pytest.mark.parametrize("setup", list(SHARDINGS))
+def test_sharded_on_cpu_saves_a_model_that_loads_in_one_process(sharded_runs, setup):
+    out = sharded_runs[setup]
+    # The folder carries hf_moe's code (not torch's FSDP wrapper class) and no sharding settings.
+    assert (out / "modeling_moe.py").is_file() and not list(out.glob("_fsdp*.py"))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(model, hf_moe.SwitchMoeForCausalLM)
+    assert model.config.auto_map["AutoModelForCausalLM"] == "modeling_moe.SwitchMoeForCausalLM"
+    assert getattr(model.config, "distributed_config", None) is None
+    reference = AutoModelForCausalLM.from_pretrained(sharded_runs["one"])
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
