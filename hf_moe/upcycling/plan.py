@@ -186,11 +186,12 @@ def plan_upcycling(
     - ``verify layers`` (``verify``): per MoE layer the dense block and the MoE block are built in float32
       from the files: 4 * dense block + 2 * 4 * MoE block (the module and the state dict loaded into
       it) + the largest stacked expert tensor as stored, transiently.
-    - ``verify model`` (``verify``): both whole models in float32, 4 * (dense + MoE) parameters, only
-      when ``8 * MoE parameters <= available / 2``, the verification's own test.
+    - ``verify model`` (``verify``): both whole models in float32, 4 * (dense + MoE) parameters, plus
+      both checkpoints' bytes (transformers loads them through memory maps, whose pages count as
+      resident), only when ``8 * MoE parameters <= available / 2``, the verification's own test.
     - ``export write`` / ``export verify`` (``format="native"``): one expert slice at a time; the
       bit-for-bit check holds a written tensor and its source, 2 * the largest native tensor, and the
-      logits check both models in float32 under the same test.
+      logits check both models in float32 and both checkpoints' bytes, under the same test.
 
     The peak is the baseline plus the largest stage (they run one after the other).
     """
@@ -252,10 +253,11 @@ def plan_upcycling(
         stages["verify layers"] = _verify_layers_stage(plan, outputs)
         if fits:
             dense_params = sum(p.numel() for p in plan.meta_dense.parameters())
-            stages["verify model"] = FLOAT32 * (dense_params + total)
+            dense_bytes = sum(tensor_nbytes(shape, dtype_of(name)) for name, shape in plan.dense_shapes.items())
+            stages["verify model"] = FLOAT32 * (dense_params + total) + dense_bytes + file_bytes
     notes = []
     if format == "native":
-        stages.update(_export_stages(plan, outputs, verify and fits, total, verify))
+        stages.update(_export_stages(plan, outputs, verify and fits, total, verify, file_bytes))
         notes.append(
             "--format native writes the hf_moe checkpoint to a temporary folder first: the disk holds both "
             f"({format_bytes(2 * file_bytes)}) until the export is published"
@@ -337,14 +339,16 @@ def _verify_layers_stage(plan: ConversionPlan, outputs: list[OutputTensor]) -> i
     return largest
 
 
-def _export_stages(plan: ConversionPlan, outputs: list[OutputTensor], compare: bool, total: int, verify: bool):
+def _export_stages(
+    plan: ConversionPlan, outputs: list[OutputTensor], compare: bool, total: int, verify: bool, file_bytes: int
+) -> dict[str, int]:
     stored = {out.name: out for out in outputs}
     rules, _ = tensor_rules(FAMILIES_BY_DENSE[plan.config.text_config.model_type], plan)
     # A stacked tensor is exported one expert slice at a time.
     largest = max(stored[r.name].nbytes // (len(r.native_names) if r.stacked else 1) for r in rules)
     stages = {"export write": largest}
     if verify:
-        stages["export verify"] = 2 * FLOAT32 * total if compare else 2 * largest
+        stages["export verify"] = 2 * (FLOAT32 * total + file_bytes) if compare else 2 * largest
     return stages
 
 
