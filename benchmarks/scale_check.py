@@ -40,6 +40,7 @@ QWEN3_0_6B = dict(
     max_position_embeddings=40960,
 )
 TOLERANCE = 0.2  # plan and measurement agree within 20%
+TRAIN_SEQ_LEN = 64
 
 
 def dense_config(layers: int, vocab: int):
@@ -96,6 +97,107 @@ def plan_worker(source: str, experts: int) -> None:
     plan = plan_upcycling(source, num_experts=experts, moe_layers="all", verify=True, format="native")
     print(plan.summary(), file=sys.stderr)
     print(json.dumps(plan.as_dict()))
+
+
+def train_worker(moe_dir: str, ep_size: int, fsdp_size: int, seq_len: int) -> None:
+    """Runs on every rank under torchrun: load sharded, one AdamW step, one JSON line of measurements."""
+    import psutil
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    import hf_moe  # noqa: F401  (registers the architectures)
+
+    torch.set_num_threads(1)
+    baseline = psutil.Process().memory_info().rss
+    distributed = DistributedConfig(fsdp_size=fsdp_size, ep_size=ep_size) if ep_size > 1 else DistributedConfig(
+        fsdp_size=fsdp_size
+    )
+    model = AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32, distributed_config=distributed)
+    model.train()
+    loaded = psutil.Process().memory_info().rss
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    parameters = sum(local(p).numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    generator = torch.Generator().manual_seed(0)  # the same batch on every rank: only memory is measured
+    input_ids = torch.randint(0, model.config.get_text_config().vocab_size, (1, seq_len), generator=generator)
+    start = time.perf_counter()
+    loss = model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    gradients = sum(local(p.grad).numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    optimizer.step()
+    seconds = time.perf_counter() - start
+    states = sum(
+        local(v).numel() * v.element_size()
+        for state in optimizer.state.values()
+        for v in state.values()
+        if torch.is_tensor(v) and v.dim() > 0
+    )
+    record = {
+        "rank": dist.get_rank(),
+        "loss": loss.item(),
+        "seconds": seconds,
+        "baseline_rss": baseline,
+        "rss_after_load": loaded,
+        "peak_rss": peak_rss(),
+        "local_parameters": parameters,
+        "gradient_bytes": gradients,
+        "optimizer_bytes": states,
+    }
+    print("RANK_JSON " + json.dumps(record), flush=True)
+    dist.destroy_process_group()
+
+
+def measure_training(workdir: Path, layers: int, vocab: int, experts: int, ep_size: int, fsdp_size: int) -> dict:
+    """The MoE checkpoint (streamed, as the conversion run), then one step under torchrun on CPU."""
+    from hf_moe import upcycle_checkpoint
+    from hf_moe.upcycling.plan import plan_upcycling
+
+    config = dense_config(layers, vocab)
+    source, moe = workdir / "dense", workdir / "moe"
+    write_dense_checkpoint(source, config)
+    upcycle_checkpoint(source, moe, num_experts=experts, moe_layers="all", progress=False)
+    plan = plan_upcycling(config, num_experts=experts, moe_layers="all", ep_size=ep_size, fsdp_size=fsdp_size)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(fsdp_size), __file__,
+        "--train-worker", str(moe), str(ep_size), str(fsdp_size), str(TRAIN_SEQ_LEN),
+    ]  # fmt: skip
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-4000:]}")
+    ranks = [json.loads(line.split(" ", 1)[1]) for line in result.stdout.splitlines() if line.startswith("RANK_JSON ")]
+    return {
+        "layers": layers,
+        "vocab_size": vocab,
+        "num_experts": experts,
+        "ep_size": ep_size,
+        "fsdp_size": fsdp_size,
+        "seq_len": TRAIN_SEQ_LEN,
+        "seconds": time.perf_counter() - start,
+        "plan": {**plan.training.__dict__, "total": plan.training.total, "total_parameters": plan.total_parameters},
+        "ranks": sorted(ranks, key=lambda r: r["rank"]),
+    }
+
+
+def training_rows(report: dict) -> list[list[str]]:
+    plan = report["plan"]
+    rows = []
+    for rank in report["ranks"]:
+        pairs = [
+            ("parameters", plan["sharded_parameters"], rank["local_parameters"], 1),
+            ("gradients", plan["gradients"], rank["gradient_bytes"], 1e9),
+            ("AdamW states", plan["optimizer"], rank["optimizer_bytes"], 1e9),
+            ("peak RSS - baseline", plan["total"], rank["peak_rss"] - rank["baseline_rss"], 1e9),
+        ]
+        for name, p, m, unit in pairs:
+            shown = (lambda v: f"{v:,}") if unit == 1 else (lambda v: f"{v / unit:.3f} GB")
+            rows.append([str(rank["rank"]), name, shown(p), shown(m), f"{m / p:.3f}"])
+    return rows
 
 
 def run_child(*args: str) -> dict:
@@ -163,20 +265,47 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints (in --workdir)")
     parser.add_argument("--json", type=Path, help="also write the report here")
     parser.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--train",
+        nargs=2,
+        type=int,
+        metavar=("EP_SIZE", "FSDP_SIZE"),
+        help="instead: one AdamW training step of the MoE (use --layers 2) under torchrun on CPU (gloo) with "
+        "DistributedConfig(ep_size, fsdp_size), FSDP_SIZE processes; each rank's memory next to the plan",
+    )
     parser.add_argument("--plan-worker", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--train-worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker)
     if args.plan_worker:
         return plan_worker(args.plan_worker[0], int(args.plan_worker[1]))
+    if args.train_worker:
+        return train_worker(args.train_worker[0], *map(int, args.train_worker[1:]))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     scratch = Path(tempfile.mkdtemp(prefix="scale_check.", dir=args.workdir))
     try:
-        report = measure(scratch, args.layers, args.vocab, args.experts)
+        if args.train:
+            report = measure_training(scratch, args.layers, args.vocab, args.experts, *args.train)
+        else:
+            report = measure(scratch, args.layers, args.vocab, args.experts)
     finally:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
     report["environment"] = environment_lines(torch.device("cpu"))
+    if args.train:
+        print("\n".join(report["environment"]))
+        print(
+            f"\none AdamW step, float32, batch 1 x {report['seq_len']} tokens, {report['fsdp_size']} processes "
+            f"(ep_size={report['ep_size']}, fsdp_size={report['fsdp_size']}), {report['seconds']:.0f} s with loading; "
+            f"{args.layers} layers of Qwen3-0.6B's width, vocabulary {args.vocab}, {args.experts} experts in every "
+            f"layer ({report['plan']['total_parameters'] / 1e9:.3f}B parameters). The plan's peak counts weights, "
+            "gradients, AdamW states and the FSDP all-gather, not activations\n"
+        )
+        print(markdown_table(["rank", "quantity", "plan", "measured", "measured / plan"], training_rows(report)))
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+        return None
     rows = comparison_rows(report)
     report["ratios"] = {row[0]: float(row[3]) for row in rows}
     plan = report["plan"]
