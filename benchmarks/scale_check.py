@@ -111,9 +111,7 @@ def train_worker(moe_dir: str, ep_size: int, fsdp_size: int, seq_len: int) -> No
 
     torch.set_num_threads(1)
     baseline = psutil.Process().memory_info().rss
-    distributed = DistributedConfig(fsdp_size=fsdp_size, ep_size=ep_size) if ep_size > 1 else DistributedConfig(
-        fsdp_size=fsdp_size
-    )
+    distributed = DistributedConfig(fsdp_size=fsdp_size, ep_size=ep_size)
     model = AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32, distributed_config=distributed)
     model.train()
     loaded = psutil.Process().memory_info().rss
@@ -126,10 +124,14 @@ def train_worker(moe_dir: str, ep_size: int, fsdp_size: int, seq_len: int) -> No
     generator = torch.Generator().manual_seed(0)  # the same batch on every rank: only memory is measured
     input_ids = torch.randint(0, model.config.get_text_config().vocab_size, (1, seq_len), generator=generator)
     start = time.perf_counter()
+    peaks = {"load": peak_rss()}
     loss = model(input_ids=input_ids, labels=input_ids).loss
+    peaks["forward"] = peak_rss()
     loss.backward()
+    peaks["backward"] = peak_rss()
     gradients = sum(local(p.grad).numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
     optimizer.step()
+    peaks["step"] = peak_rss()
     seconds = time.perf_counter() - start
     states = sum(
         local(v).numel() * v.element_size()
@@ -144,6 +146,7 @@ def train_worker(moe_dir: str, ep_size: int, fsdp_size: int, seq_len: int) -> No
         "baseline_rss": baseline,
         "rss_after_load": loaded,
         "peak_rss": peak_rss(),
+        "peak_rss_after": peaks,
         "local_parameters": parameters,
         "gradient_bytes": gradients,
         "optimizer_bytes": states,

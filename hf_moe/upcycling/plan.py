@@ -52,12 +52,15 @@ class TrainingMemory:
         weights     = sharded * bytes(param dtype)
         gradients   = sharded * bytes(param dtype)
         optimizer   = sharded * 2 * 4              (AdamW exp_avg and exp_avg_sq in float32)
-        gathered    = 2 * largest_unit * (1 - 1/F) * bytes(param dtype)
+        gathered    = (2 * root + 4 * layer) * bytes(param dtype)        (F > 1; 0 without FSDP)
 
-    ``gathered`` is the transient of FSDP2: it all-gathers one unit (a decoder layer with its
-    E / P local experts, or the embedding) for compute, and holds that unit's unsharded gradients
-    until the reduce-scatter. Activations are not counted: they depend on the batch, the sequence
-    length and activation checkpointing, not on the model alone.
+    ``gathered`` is what FSDP2 holds unsharded. The root unit (``root``: the parameters outside the
+    decoder layers, i.e. the embedding, a tied or untied head and the final norm) stays gathered
+    from its forward until its gradient is reduced, with that full gradient; a decoder layer
+    (``layer``: its parameters, the experts counted E / P) is gathered with its full gradient while
+    it computes, and the next one is prefetched. The sum is conservative: AdamW allocates its states
+    at the first step, once the gathered buffers are freed. Activations are not counted: they depend
+    on the batch, the sequence length and activation checkpointing, not on the model alone.
     """
 
     ep_size: int
@@ -283,15 +286,13 @@ def training_memory(plan: ConversionPlan, ep_size: int, fsdp_size: int, param_dt
     total = sum(p.numel() for p in model.parameters())
     sharded = math.ceil(total / fsdp_size)
     size = param_dtype.itemsize
-    # FSDP units: each decoder layer (its experts divided among the EP ranks) and the embedding
-    # (with a tied head it is one tensor).
-    units = [model.get_input_embeddings().weight.numel()]
+    layers = []  # per decoder layer: its parameters on one EP rank (E / P experts)
     for layer in _decoder_layers(model):
-        experts = sum(
-            p.numel() for m in layer.modules() if isinstance(m, GroupedLinear) for p in m.parameters()
-        )
-        units.append(sum(p.numel() for p in layer.parameters()) - experts + experts // ep_size)
-    gathered = 2 * round(max(units) * (1 - 1 / fsdp_size)) * size
+        experts = sum(p.numel() for m in layer.modules() if isinstance(m, GroupedLinear) for p in m.parameters())
+        layers.append((sum(p.numel() for p in layer.parameters()), experts))
+    root = total - sum(params for params, _ in layers)
+    largest_layer = max((params - experts + experts // ep_size for params, experts in layers), default=0)
+    gathered = (2 * root + 4 * largest_layer) * size if fsdp_size > 1 else 0
     return TrainingMemory(
         ep_size=ep_size,
         fsdp_size=fsdp_size,
