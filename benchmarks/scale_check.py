@@ -198,8 +198,8 @@ def training_rows(report: dict) -> list[list[str]]:
             ("peak RSS - baseline", plan["total"], rank["peak_rss"] - rank["baseline_rss"], 1e9),
         ]
         for name, p, m, unit in pairs:
-            shown = (lambda v: f"{v:,}") if unit == 1 else (lambda v: f"{v / unit:.3f} GB")
-            rows.append([str(rank["rank"]), name, shown(p), shown(m), f"{m / p:.3f}"])
+            shown = [f"{v:,}" if unit == 1 else f"{v / unit:.3f} GB" for v in (p, m)]
+            rows.append([str(rank["rank"]), name, *shown, f"{m / p:.3f}"])
     return rows
 
 

@@ -206,7 +206,10 @@ def plan_upcycling(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1
     ]
     if not problems and fsdp_size % ep_size:
-        problems.append(f"ep_size must divide fsdp_size (transformers' DistributedConfig), got {ep_size} and {fsdp_size}")
+        problems.append(
+            "ep_size must divide fsdp_size (transformers' DistributedConfig requires it), "
+            f"got ep_size={ep_size}, fsdp_size={fsdp_size}"
+        )
     if problems:
         raise ValueError("Invalid training layout:\n  - " + "\n  - ".join(problems))
     param_dtype = _train_dtype(train_dtype)
@@ -374,7 +377,8 @@ def _dense_config(source, revision: str | None) -> PreTrainedConfig:
         config = AutoConfig.from_pretrained(str(source), revision=revision)
     except OSError as error:
         raise FileNotFoundError(
-            f"source={str(source)!r} is neither a local directory nor a Hub id whose config.json can be fetched: {error}"
+            f"source={str(source)!r} is neither a local directory nor a Hub id whose config.json could be "
+            f"fetched: {error}"
         ) from None
     check_model_type(config.model_type, config.to_dict())
     return config

@@ -54,7 +54,9 @@ def test_active_parameters_by_hand():
 def test_disk_size_equals_the_written_files(save_dense, tmp_path, dtype, shard):
     _, source = save_dense("qwen3")
     output = tmp_path / "moe"
-    upcycle_checkpoint(source, output, num_experts=4, moe_layers="all", dtype=dtype, max_shard_size=shard, progress=False)
+    upcycle_checkpoint(
+        source, output, num_experts=4, moe_layers="all", dtype=dtype, max_shard_size=shard, progress=False
+    )
     plan = plan_upcycling(source, num_experts=4, moe_layers="all", dtype=dtype, max_shard_size=shard)
     files = sorted(output.glob("*.safetensors"))
     assert plan.shards == len(files) and (len(files) > 1) == (shard == "40KB")
@@ -83,7 +85,10 @@ def test_training_memory_shards_everything_over_fsdp_and_gathers_local_experts()
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"ep_size": 2, "fsdp_size": 3}, "ep_size must divide fsdp_size (transformers' DistributedConfig), got 2 and 3"),
+        (
+            {"ep_size": 2, "fsdp_size": 3},
+            "ep_size must divide fsdp_size (transformers' DistributedConfig requires it), got ep_size=2, fsdp_size=3",
+        ),
         ({"fsdp_size": 0}, "fsdp_size must be an integer >= 1, got 0"),
         ({"train_dtype": "int8"}, "train_dtype must be one of ['bfloat16', 'float16', 'float32'], got 'int8'"),
         ({"format": "gguf"}, "format must be one of ['hf_moe', 'native'], got 'gguf'"),
@@ -116,7 +121,11 @@ def test_cli_plan_prints_and_writes_nothing(save_dense, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--plan", "--ep-size", "2", "--fsdp-size", "3"], "--ep-size must divide --fsdp-size"),
+        (
+            ["--plan", "--ep-size", "2", "--fsdp-size", "3"],
+            "--ep-size must divide --fsdp-size (transformers' DistributedConfig requires it), "
+            "got --ep-size 2, --fsdp-size 3",
+        ),
         (["--ep-size", "2"], "--ep-size applies to --plan only, got --ep-size 2 without --plan"),
     ],
 )
