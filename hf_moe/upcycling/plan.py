@@ -128,7 +128,7 @@ class UpcyclingPlan:
             f"Training memory per rank (fsdp_size={t.fsdp_size}, ep_size={t.ep_size}, {t.param_dtype} parameters, "
             f"AdamW; activations not counted): {format_bytes(t.total)}",
             f"  weights {format_bytes(t.weights)} + gradients {format_bytes(t.gradients)} + optimizer states "
-            f"{format_bytes(t.optimizer)} ({t.sharded_parameters:,} parameters per rank) + FSDP all-gather "
+            f"{format_bytes(t.optimizer)} ({t.sharded_parameters:,} parameters per rank) + gathered by FSDP "
             f"{format_bytes(t.gathered)}",
         ]
         lines += [f"Note: {note}" for note in self.notes]
