@@ -1,6 +1,7 @@
 """The ``hf-moe`` command line: one argparse subcommand per task.
 
     hf-moe upcycle SOURCE OUTPUT_DIR --routing switch --num-experts 8 --top-k 2 --verify
+    hf-moe upcycle SOURCE OUTPUT_DIR --num-experts 8 --plan --fsdp-size 8   # sizes and memory; writes nothing
     hf-moe export MOE_DIR OUTPUT_DIR        # hf_moe -> native transformers MoE (qwen3_moe, mixtral, ...)
     hf-moe import NATIVE_DIR OUTPUT_DIR     # native MoE -> hf_moe
     hf-moe compare RUN_DIR [RUN_DIR ...] --output comparison/

@@ -7,10 +7,11 @@ Memory figures are resident bytes (RSS) above a baseline: the process after its 
 plan measures in the process that makes it (the ``hf-moe upcycle --plan`` process has imported and
 built what the conversion imports and builds). Sizes are in bytes; ``format_bytes`` prints them.
 
-    >>> plan = plan_upcycling("Qwen3-0.6B/", num_experts=8, moe_layers="all", verify=True, ep_size=2, fsdp_size=2)
-    >>> print(plan.summary())
+    plan = plan_upcycling("Qwen3-0.6B/", num_experts=8, moe_layers="all", verify=True, ep_size=2, fsdp_size=2)
+    print(plan.summary())  # what `hf-moe upcycle Qwen3-0.6B/ out --plan ...` prints
 """
 
+import copy
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -25,8 +26,15 @@ from .convert import DTYPES, FORMATS, _parse_dtype, _parse_size, format_bytes, l
 from .native import FAMILIES_BY_DENSE, export_problems, tensor_rules
 from .settings import DEFAULT_NOISE_STD, UpcyclingSettings
 from .streaming import OutputTensor, _header_bytes, assign_shards, tensor_nbytes
-from .weights import BACKBONE_PREFIX, ConversionPlan, check_model_type, head_of, output_tensors, parameter_counts
-from .weights import plan_conversion as plan_tensors
+from .weights import (
+    BACKBONE_PREFIX,
+    ConversionPlan,
+    check_model_type,
+    head_of,
+    output_tensors,
+    parameter_counts,
+    plan_conversion,
+)
 
 FLOAT32 = 4  # bytes; the verification and the optimizer states work in float32
 ADAMW_STATES = 2  # exp_avg and exp_avg_sq, float32 whatever the parameters' dtype
@@ -180,7 +188,7 @@ def plan_upcycling(
     plus the safetensors headers the writer produces for the same shards (exact); config, code and
     tokenizer files are not counted (kilobytes).
 
-    Conversion memory, per stage, above the baseline (``n(t)``: bytes of tensor t as stored):
+    Conversion memory, per stage, above the baseline:
 
     - ``write``: tensors are produced one at a time and written chunk by chunk (no shard buffer, no
       mmap): max over tensors of the dense tensor read, its copy in the output dtype when that differs,
@@ -227,7 +235,7 @@ def plan_upcycling(
     )
     text_config = _dense_config(source, revision)
     head = head_of((text_config.architectures or ["ForCausalLM"])[0])
-    plan = plan_tensors(settings.build_config(text_config), head)
+    plan = plan_conversion(settings.build_config(text_config), head)
     if format == "native":
         problems = export_problems(plan.config, head, flags=True)
         if problems:
@@ -367,7 +375,7 @@ def _train_dtype(value) -> torch.dtype:
 def _dense_config(source, revision: str | None) -> PreTrainedConfig:
     if isinstance(source, PreTrainedConfig):
         check_model_type(source.model_type, source.to_dict())
-        return source
+        return copy.deepcopy(source)  # the MoE config nests it
     path = Path(source).expanduser()
     if path.is_dir():
         return load_dense_config(path.resolve())

@@ -198,3 +198,16 @@ def test_scale_check_shape_is_qwen3_0_6b():
 
         model = AutoModelForCausalLM.from_config(dense_config(28, 151936))
     assert sum(p.numel() for p in model.parameters()) == 596_049_920
+
+
+@pytest.mark.slow
+def test_sharded_training_step_matches_plan(tmp_path):
+    """Two layers of the same shape, one AdamW step under torchrun with DistributedConfig(fsdp_size=2) on CPU:
+    each rank's parameter shard, gradients and AdamW states are the plan's exactly, its peak within 20%."""
+    report = run_scale_check(tmp_path, "--layers", "2", "--train", "1", "2")
+    plan = report["plan"]
+    assert [rank["rank"] for rank in report["ranks"]] == [0, 1]
+    for rank in report["ranks"]:
+        assert rank["local_parameters"] == plan["sharded_parameters"]
+        assert (rank["gradient_bytes"], rank["optimizer_bytes"]) == (plan["gradients"], plan["optimizer"])
+        assert rank["peak_rss"] - rank["baseline_rss"] == pytest.approx(plan["total"], rel=0.2)
