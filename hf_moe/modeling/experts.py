@@ -5,19 +5,30 @@ each of its linear layers is replaced by a grouped version whose weight gains a 
 dimension: ``gate_proj.weight [I, H]`` becomes ``experts.gate_proj.weight [E, I, H]``. Called on
 the buffer of tokens sorted by expert, each grouped layer multiplies every contiguous group of
 rows by its expert's matrix in one ``torch.nn.functional.grouped_mm`` call: no loop over experts.
+
+The module answers transformers' experts interface, ``experts(hidden_states, top_k_index,
+top_k_weights)`` (as ``Qwen3MoeExperts`` does), which is what transformers' expert parallelism
+(``DistributedConfig(ep_size=...)``, its ``ep_dispatch_experts`` rule) calls on each rank with the
+rows routed to that rank's experts.
 """
 
+import functools
 import math
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor
+else:  # builds without torch.distributed have no sharded parameters
+    DTensor = ()
+
 
 class ExpertLayout:
     """Where each expert's rows sit in the sorted token buffer; shared by one block's layers.
 
-    Set by `MoeBlock` right before it calls the experts.
+    Set by `GroupedExperts.forward` right before it runs the dense MLP's forward.
     """
 
     def __init__(self):
@@ -26,12 +37,16 @@ class ExpertLayout:
         self.active: slice | None = None  # the experts the grouped matmuls visit; None: all
 
     def set(self, expert_ids: torch.Tensor, num_experts: int) -> None:
-        """``expert_ids`` (rows,) the expert of each row of the buffer, sorted."""
+        """``expert_ids`` (rows,) the expert of each row of the buffer, sorted.
+
+        Ids >= ``num_experts`` (experts on other ranks, see `GroupedExperts`) sort to the end, past
+        the last offset: the grouped matmuls do not compute those rows.
+        """
         # Row ends from a binary search of the sorted ids: no host synchronisation (bincount on
         # CUDA reads its maximum back to size the output). (experts,), cumulative like a cumsum.
         experts = torch.arange(num_experts, device=expert_ids.device, dtype=expert_ids.dtype)
         self.offsets = torch.searchsorted(expert_ids, experts, right=True, out_int32=True)
-        self.expert_ids = expert_ids
+        self.expert_ids = expert_ids.clamp(max=num_experts - 1)  # in range for the bias lookup
         self.active = None
         if expert_ids.device.type == "cpu" and not torch.is_grad_enabled() and len(expert_ids):
             # On CPU grouped_mm runs one matmul per group, empty groups included (~15 us each);
@@ -40,7 +55,7 @@ class ExpertLayout:
             # host synchronisation, free on CPU only, hence CPU only. Experts before the first
             # have no rows, so the sliced cumulative offsets still start from row 0. Inference
             # only: under autograd the slice's backward would write the weight gradient twice.
-            self.active = slice(int(expert_ids[0]), int(expert_ids[-1]) + 1)
+            self.active = slice(int(self.expert_ids[0]), int(self.expert_ids[-1]) + 1)
 
 
 @torch.compiler.disable
@@ -89,7 +104,13 @@ class GroupedLinear(nn.Module):
         # x: (rows, in) sorted by expert -> (rows, out)
         if self.input_dropout is not None and self.input_dropout.p > 0:
             x = self.input_dropout(x)
-        weight, offsets, active = self.weight, self.layout.offsets, self.layout.active
+        weight, bias = self.weight, self.bias
+        if isinstance(weight, DTensor):
+            # Under expert parallelism the weights are split on the expert dim (Shard(0)); this
+            # rank computes with its own slice. transformers hands local tensors only to the
+            # parameters of the experts module itself, not to those of its child layers.
+            weight, bias = weight.to_local(), bias.to_local() if bias is not None else None
+        offsets, active = self.layout.offsets, self.layout.active
         if active is not None:
             weight, offsets = weight[active], offsets[active]
         weight = weight.transpose(-2, -1) if self.weight_layout == "out_in" else weight  # (E, in, out)
@@ -99,8 +120,8 @@ class GroupedLinear(nn.Module):
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
         x = x.to(dtype)
         out = grouped_mm(x, weight.to(dtype), offsets)
-        if self.bias is not None:
-            out = out + self.bias.to(dtype)[self.layout.expert_ids]
+        if bias is not None:
+            out = out + bias.to(dtype)[self.layout.expert_ids]
         return out
 
     @property
@@ -123,6 +144,94 @@ class GroupedLinear(nn.Module):
         return f"experts={experts}, in_features={self.in_features}, out_features={self.out_features}, bias={bias}"
 
 
+class WeightedScatterAdd(torch.autograd.Function):
+    """out[t] = sum of weight[p] * expert_out[p] over the pairs p of row t; 0 for rows without pairs.
+
+    The same values as ``zeros(rows, hidden).index_add_(0, row_idx, expert_out * weight[:, None])``
+    with autograd, in fewer passes over (pairs, hidden) buffers: the backward gathers the output
+    gradient once, takes the weight gradient from it as a row-wise dot product and scales it in
+    place into the expert-output gradient (autograd's index_add and mul backwards allocate three
+    such buffers).
+    """
+
+    @staticmethod
+    def forward(ctx, expert_out, weight, row_idx, num_rows):
+        # expert_out (pairs, hidden); weight (pairs,) float32; row_idx (pairs,) long
+        ctx.save_for_backward(expert_out, weight, row_idx)
+        return WeightedScatterAdd.compute(expert_out, weight, row_idx, num_rows)
+
+    @staticmethod
+    def compute(expert_out, weight, row_idx, num_rows):
+        """The forward without autograd bookkeeping (also used directly when no gradient is needed)."""
+        weighted = expert_out * weight.to(expert_out.dtype)[:, None]
+        return expert_out.new_zeros(num_rows, expert_out.shape[1]).index_add_(0, row_idx, weighted)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        expert_out, weight, row_idx = ctx.saved_tensors
+        grad = grad_out.index_select(0, row_idx)  # (pairs, hidden)
+        grad_weight = torch.linalg.vecdot(grad, expert_out).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_expert_out = grad.mul_(weight.to(grad.dtype)[:, None]) if ctx.needs_input_grad[0] else None
+        return grad_expert_out, grad_weight, None, None
+
+
+class GroupedExperts(nn.Module):
+    """The forward of a dense MLP turned into experts: transformers' experts interface.
+
+    `make_experts` puts this class in front of the dense MLP's own class, so ``super().forward``
+    is the dense forward and the state-dict keys stay the dense module's (``gate_proj.weight``).
+
+    Attributes set by `make_experts`: ``num_experts``, the experts this module holds (all of them,
+    or this rank's share under expert parallelism, where transformers reads it to route tokens);
+    ``holds_all_experts``; ``layout``, the `ExpertLayout` its grouped layers share.
+    """
+
+    num_experts: int
+    holds_all_experts: bool
+    layout: ExpertLayout
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """``hidden_states`` (rows, hidden); ``top_k_index`` (rows, k) expert ids, local to this module;
+        ``top_k_weights`` (rows, k) -> (rows, hidden): row r gets sum_j w[r, j] * E_{index[r, j]}(x_r).
+
+        An id >= ``num_experts`` names an expert held by another rank (transformers' all-reduce
+        expert parallelism marks those with weight 0): its pair is skipped and adds exactly 0.
+        """
+        num_rows, top_k = top_k_index.shape
+        # Dispatch: group the pairs by expert; the stable sort keeps row order inside each group.
+        expert_ids, order = torch.sort(top_k_index.reshape(-1), stable=True)  # (pairs,)
+        row_idx = order.div(top_k, rounding_mode="floor") if top_k > 1 else order
+        self.layout.set(expert_ids, self.num_experts)
+        # index_select (not advanced indexing): its backward is a plain index_add, about half the
+        # cost of index_put with accumulation on CPU.
+        x = hidden_states.index_select(0, row_idx)  # (pairs, hidden)
+        elsewhere = None if self.holds_all_experts else (expert_ids >= self.num_experts)[:, None]
+        if elsewhere is not None:
+            # The grouped matmuls leave the rows past the last offset unwritten, in the forward and
+            # in the input gradient: zero them on the way in (whose backward zeroes the gradient)
+            # and on the way out, so no stale value reaches a sum.
+            x = x.masked_fill(elsewhere, 0.0)
+        expert_out = super().forward(x)  # (pairs, hidden)
+        if elsewhere is not None:
+            expert_out = expert_out.masked_fill(elsewhere, 0.0)
+
+        # Combine: weight each pair and add it back to its row.
+        weight = top_k_weights.reshape(-1).index_select(0, order)  # (pairs,)
+        if torch.is_grad_enabled() and (expert_out.requires_grad or weight.requires_grad):
+            return WeightedScatterAdd.apply(expert_out, weight, row_idx, num_rows)
+        # no autograd.Function overhead (~30 us) in inference, e.g. each decoding step
+        return WeightedScatterAdd.compute(expert_out, weight, row_idx, num_rows)
+
+
+@functools.cache
+def grouped_experts_class(mlp_class: type) -> type:
+    """``GroupedExperts`` in front of a dense MLP class; created once per class."""
+    return type(mlp_class.__name__ + "Experts", (GroupedExperts, mlp_class), {"__module__": __name__})
+
+
 def _linear_dims(module: nn.Module) -> tuple[int, int, str]:
     """(in, out, weight layout) of a dense linear layer."""
     if isinstance(module, Conv1D):
@@ -135,10 +244,18 @@ def dense_linear_layers(mlp: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def make_experts(
-    mlp: nn.Module, num_experts: int, hidden_size: int, expert_dropout: float, layout: ExpertLayout, model_type: str
-):
-    """Turn a dense MLP module in place into E experts; returns the same module object.
+    mlp: nn.Module,
+    num_experts: int,
+    hidden_size: int,
+    expert_dropout: float,
+    model_type: str,
+    expert_parallel_size: int = 1,
+) -> GroupedExperts:
+    """Turn a dense MLP module in place into E experts; returns the same module object, now a
+    `GroupedExperts`.
 
+    Every weight holds all E experts; under expert parallelism (``expert_parallel_size`` ranks)
+    transformers then splits them on the expert dim, and this module is told its share now.
     Raises a ValueError naming the backbone when the MLP's linear layers cannot be identified.
     """
     linears = dense_linear_layers(mlp)
@@ -154,6 +271,7 @@ def make_experts(
             f"(a linear layer with out_features == hidden_size {hidden_size}) in {type(mlp).__name__}, "
             f"found {output_layers or 'none'}"
         )
+    layout = ExpertLayout()
     for name, dense in linears:
         in_features, out_features, weight_layout = _linear_dims(dense)
         grouped = GroupedLinear(
@@ -170,4 +288,10 @@ def make_experts(
             grouped.input_dropout = nn.Dropout(expert_dropout)
         parent_name, _, child = name.rpartition(".")
         setattr(mlp.get_submodule(parent_name) if parent_name else mlp, child, grouped)
+    # The same module object keeps its children (and so its state-dict keys); only its class changes,
+    # as torch's fully_shard does with FSDPModule.
+    mlp.__class__ = grouped_experts_class(type(mlp))
+    mlp.num_experts = num_experts // expert_parallel_size
+    mlp.holds_all_experts = expert_parallel_size == 1
+    mlp.layout = layout
     return mlp

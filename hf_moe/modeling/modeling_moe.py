@@ -30,7 +30,7 @@ from transformers import (
 from transformers.utils import ModelOutput
 
 from .configuration_moe import ExpertChoiceMoeConfig, SwitchMoeConfig
-from .experts import ExpertLayout, GroupedLinear, make_experts
+from .experts import GroupedExperts, GroupedLinear, make_experts
 from .routing import ExpertChoiceRouter, RoutingRecord, TokenChoiceRouter
 
 LAYER_LIST_NAMES = ("layers", "h", "blocks")
@@ -38,6 +38,7 @@ LAYER_LIST_NAMES = ("layers", "h", "blocks")
 # gemma3, phi3 and olmo2, "transformer" for gpt2. A head's checkpoint holds backbone.<prefix>.layers...
 HEAD_DECODER_PREFIXES = ("model", "transformer")
 FEED_FORWARD_NAMES = ("mlp", "feed_forward", "ffn")
+LAYER_NUMBER = re.compile(r"\.\d+(\.|$)")  # ".3." in "model.layers.3.mlp"
 
 
 def find_feed_forward_blocks(model: nn.Module, text_config) -> dict[int, str]:
@@ -68,50 +69,17 @@ def find_feed_forward_blocks(model: nn.Module, text_config) -> dict[int, str]:
     )
 
 
-class WeightedScatterAdd(torch.autograd.Function):
-    """out[t] = sum of weight[p] * expert_out[p] over the pairs p of token t; 0 for tokens without pairs.
-
-    The same values as ``zeros(tokens, hidden).index_add_(0, token_idx, expert_out * weight[:, None])``
-    with autograd, in fewer passes over (pairs, hidden) buffers: the backward gathers the output
-    gradient once, takes the weight gradient from it as a row-wise dot product and scales it in
-    place into the expert-output gradient (autograd's index_add and mul backwards allocate three
-    such buffers).
-    """
-
-    @staticmethod
-    def forward(ctx, expert_out, weight, token_idx, num_tokens):
-        # expert_out (pairs, hidden); weight (pairs,) float32; token_idx (pairs,) long
-        ctx.save_for_backward(expert_out, weight, token_idx)
-        return WeightedScatterAdd.compute(expert_out, weight, token_idx, num_tokens)
-
-    @staticmethod
-    def compute(expert_out, weight, token_idx, num_tokens):
-        """The forward without autograd bookkeeping (also used directly when no gradient is needed)."""
-        weighted = expert_out * weight.to(expert_out.dtype)[:, None]
-        return expert_out.new_zeros(num_tokens, expert_out.shape[1]).index_add_(0, token_idx, weighted)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        expert_out, weight, token_idx = ctx.saved_tensors
-        grad = grad_out.index_select(0, token_idx)  # (pairs, hidden)
-        grad_weight = torch.linalg.vecdot(grad, expert_out).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        grad_expert_out = grad.mul_(weight.to(grad.dtype)[:, None]) if ctx.needs_input_grad[0] else None
-        return grad_expert_out, grad_weight, None, None
-
-
 class MoeBlock(nn.Module):
-    """Router, then the experts on tokens sorted by expert, then a weighted scatter-add.
+    """Router, then the experts on the kept (token, expert) pairs, then a sum per token.
 
     Tokens without a kept assignment (over capacity, or not picked by any expert) get MoE output
     exactly 0 and continue through the residual connection (Switch §2.2).
     """
 
-    def __init__(self, router: nn.Module, experts: nn.Module, layout: ExpertLayout):
+    def __init__(self, router: nn.Module, experts: GroupedExperts):
         super().__init__()
         self.router = router
         self.experts = experts
-        self.layout = layout
         # Set by the model before each forward: (batch, seq) bool, False on padding. Kept (not
         # cleared) so activation-checkpoint recomputation routes exactly as the forward did.
         self.token_mask: torch.Tensor | None = None
@@ -127,21 +95,15 @@ class MoeBlock(nn.Module):
         self.last_routing = record
         assigned = record.assignments
 
-        # Dispatch: group the token-expert pairs by expert; the stable sort keeps token order
-        # inside each expert's group. index_select (not advanced indexing): its backward is a
-        # plain index_add, about half the cost of index_put with accumulation on CPU.
-        expert_idx, order = torch.sort(assigned.expert_idx, stable=True)  # (pairs,)
-        token_idx = assigned.token_idx.index_select(0, order)
-        self.layout.set(expert_idx, self.router.num_experts)
+        # The experts take one row per kept pair, as a top-1 choice: any number of pairs per token
+        # (capacity dropping, expert choice) travels the same way, also to the experts of other
+        # ranks under expert parallelism, where transformers' `ep_dispatch_experts` moves the rows.
         flat = hidden.reshape(batch * seq_len, hidden_size)
-        expert_out = self.experts(flat.index_select(0, token_idx))  # (pairs, hidden)
-
-        # Combine: weight each pair and add it back to its token; unassigned tokens stay 0.
-        weight = assigned.weight.index_select(0, order)  # (pairs,) float32
-        if torch.is_grad_enabled() and (expert_out.requires_grad or weight.requires_grad):
-            out = WeightedScatterAdd.apply(expert_out, weight, token_idx, batch * seq_len)
-        else:  # no autograd.Function overhead (~30 us) in inference, e.g. each decoding step
-            out = WeightedScatterAdd.compute(expert_out, weight, token_idx, batch * seq_len)
+        pair_out = self.experts(
+            flat.index_select(0, assigned.token_idx), assigned.expert_idx[:, None], assigned.weight[:, None]
+        )  # (pairs, hidden), weighted
+        # Combine: add each pair back to its token; unassigned tokens stay 0.
+        out = pair_out.new_zeros(batch * seq_len, hidden_size).index_add_(0, assigned.token_idx, pair_out)
         return out.view(shape)
 
     def _token_mask(self, batch: int, seq_len: int, device) -> torch.Tensor:
@@ -236,16 +198,21 @@ class MoePreTrainedModel(PreTrainedModel):
         self.backbone = self.dense_auto_class.from_config(config.text_config)
         blocks = find_feed_forward_blocks(self.backbone, config.text_config)
         hidden_size = config.text_config.hidden_size
+        expert_parallel_size = self._expert_parallel_size(config)
         for index in config.moe_layers:
             parent_name, _, child = blocks[index].rpartition(".")
             parent = self.backbone.get_submodule(parent_name)
             dense_mlp = getattr(parent, child)
             weight = next(dense_mlp.parameters())
-            layout = ExpertLayout()
             experts = make_experts(
-                dense_mlp, config.num_experts, hidden_size, config.expert_dropout, layout, config.text_config.model_type
+                dense_mlp,
+                config.num_experts,
+                hidden_size,
+                config.expert_dropout,
+                config.text_config.model_type,
+                expert_parallel_size,
             )
-            setattr(parent, child, MoeBlock(self._make_router(hidden_size, weight), experts, layout))
+            setattr(parent, child, MoeBlock(self._make_router(hidden_size, weight), experts))
         # auto_map lists every Auto class a saved checkpoint serves: saving adds the head's own
         # class; AutoModel loads the decoder without its head from any head's checkpoint.
         module = type(self).__module__.rpartition(".")[2]
@@ -254,6 +221,38 @@ class MoePreTrainedModel(PreTrainedModel):
             "AutoModel": f"{module}.{self.headless_class.__name__}",
         }
         self.post_init()
+
+    @staticmethod
+    def _expert_parallel_size(config) -> int:
+        """The ``ep_size`` of the ``DistributedConfig`` transformers loads the model with (1 without one)."""
+        distributed_config = getattr(config, "distributed_config", None)
+        ep_size = getattr(distributed_config, "ep_size", None) or 1
+        if config.num_experts % ep_size:
+            raise ValueError(
+                f"DistributedConfig ep_size must divide num_experts ({config.num_experts}) so that every rank "
+                f"holds the same number of experts, got ep_size={ep_size}"
+            )
+        return ep_size
+
+    def init_parallel_plans(self) -> None:
+        """transformers' parallel plans: the dense backbone's own (attention, dense MLPs, embeddings,
+        FSDP units), plus expert parallelism for every MoE block.
+
+        Used when loading with ``distributed_config=DistributedConfig(ep_size=N, ...)``. The experts
+        module of each block gets its rows through transformers' ``ep_dispatch_experts`` rule (its
+        all-to-all or all-reduce ``EPImplementation``), and every expert weight and bias is split
+        on its expert dim (``grouped_gemm``). The rules are written from the model's own module
+        names (they depend on the backbone and on ``moe_layers``), with layer numbers as ``*``.
+        """
+        super().init_parallel_plans()
+        ep_plan = {}
+        for block_name, block in self.named_modules():
+            if isinstance(block, MoeBlock):
+                experts = LAYER_NUMBER.sub(r".*\1", f"{block_name}.experts")  # transformers' plan keys
+                ep_plan[experts] = "ep_dispatch_experts"
+                for name, _ in block.experts.named_parameters():
+                    ep_plan[f"{experts}.{name}"] = "grouped_gemm"
+        self._ep_plan = {**ep_plan, **(self._ep_plan or {})}
 
     def _make_router(self, hidden_size: int, weight: torch.Tensor) -> nn.Module:
         if self.config.model_type == "switch_moe":
@@ -362,8 +361,9 @@ class MoePreTrainedModel(PreTrainedModel):
         for block in blocks:
             block.last_routing = None
         if self.training and self.config.model_type == "expert_choice_moe":
+            data_parallel = self._is_data_parallel()
             for block, record in zip(blocks, records, strict=True):
-                block.router.update_thresholds(record.capacity_scores)
+                block.router.update_thresholds(record.capacity_scores, data_parallel)
 
         extras = {}
         if output_routing_stats is not False or labels is not None or self.training:
@@ -383,6 +383,17 @@ class MoePreTrainedModel(PreTrainedModel):
         if loss is not None:
             output.loss = loss
         return output.to_tuple() if return_dict is False else output
+
+    def _is_data_parallel(self) -> bool:
+        """Whether several processes train this model together, each on its part of the batch (any
+        torch.distributed launch: transformers' DistributedConfig, accelerate, DDP), so that state
+        learned from the batch, such as Expert-Choice thresholds, is reduced over all of them. Every
+        process then runs each training forward, as data parallelism does. Not with pipeline
+        stages, whose processes hold different layers."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return False
+        pipeline_stages = getattr(getattr(self.config, "distributed_config", None), "pp_size", None) or 1
+        return pipeline_stages == 1 and torch.distributed.get_world_size() > 1
 
     def _zero_without_targets(self, loss: torch.Tensor, labels: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """A batch without any target token (all padding, labels all -100) has a task loss of 0 rather

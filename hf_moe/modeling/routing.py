@@ -197,11 +197,19 @@ class ExpertChoiceRouter(nn.Module):
         )
 
     @torch.no_grad()
-    def update_thresholds(self, capacity_scores: torch.Tensor) -> None:
-        """EMA of each expert's C-th largest score over the sequences that filled C slots."""
+    def update_thresholds(self, capacity_scores: torch.Tensor, data_parallel: bool = False) -> None:
+        """EMA of each expert's C-th largest score over the sequences that filled C slots.
+
+        ``data_parallel``: the processes of the default process group each hold part of the batch;
+        the estimate is then taken over all of their sequences (one all-reduce), so every process
+        keeps the same thresholds, the ones one process would learn from the whole batch.
+        """
         full = capacity_scores >= 0  # (batch, experts)
-        count = full.sum(0)
-        batch_estimate = torch.where(full, capacity_scores, 0.0).sum(0) / count.clamp(min=1)
+        # (2, experts): the summed C-th scores and how many sequences filled C slots
+        totals = torch.stack([torch.where(full, capacity_scores, 0.0).sum(0), full.sum(0).to(capacity_scores.dtype)])
+        if data_parallel:
+            torch.distributed.all_reduce(totals)
+        batch_estimate, count = totals[0] / totals[1].clamp(min=1), totals[1]
         # The first update takes the estimate as is; later ones average with the running value.
         rate = torch.where(self.threshold_updates == 0, 1.0, 1.0 - self.threshold_ema_decay)
         updated = self.score_thresholds + rate * (batch_estimate - self.score_thresholds)

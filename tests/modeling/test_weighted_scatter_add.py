@@ -2,7 +2,7 @@
 
 import torch
 
-from hf_moe.modeling.modeling_moe import WeightedScatterAdd
+from hf_moe.modeling.experts import WeightedScatterAdd
 
 
 def test_combine_gradients_match_autograd_with_repeated_and_missing_tokens():
