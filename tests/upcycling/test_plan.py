@@ -201,10 +201,11 @@ def test_scale_check_shape_is_qwen3_0_6b():
 
 
 @pytest.mark.slow
-def test_sharded_training_step_matches_plan(tmp_path):
-    """Two layers of the same shape, one AdamW step under torchrun with DistributedConfig(fsdp_size=2) on CPU:
-    each rank's parameter shard, gradients and AdamW states are the plan's exactly, its peak within 20%."""
-    report = run_scale_check(tmp_path, "--layers", "2", "--train", "1", "2")
+@pytest.mark.parametrize("ep_size", [1, 2])
+def test_sharded_training_step_matches_plan(tmp_path, ep_size):
+    """Two layers of the same shape, one AdamW step under torchrun with DistributedConfig(ep_size, fsdp_size=2)
+    on CPU: each rank's parameter shard, gradients and AdamW states are the plan's exactly, its peak within 20%."""
+    report = run_scale_check(tmp_path, "--layers", "2", "--train", str(ep_size), "2")
     plan = report["plan"]
     assert [rank["rank"] for rank in report["ranks"]] == [0, 1]
     for rank in report["ranks"]:
