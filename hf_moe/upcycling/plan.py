@@ -218,6 +218,11 @@ def plan_upcycling(
             "ep_size must divide fsdp_size (transformers' DistributedConfig requires it), "
             f"got ep_size={ep_size}, fsdp_size={fsdp_size}"
         )
+    if not problems and isinstance(num_experts, int) and num_experts % ep_size:
+        problems.append(
+            "ep_size must divide num_experts (each rank holds num_experts / ep_size experts), "
+            f"got ep_size={ep_size}, num_experts={num_experts}"
+        )
     if problems:
         raise ValueError("Invalid training layout:\n  - " + "\n  - ".join(problems))
     param_dtype = _train_dtype(train_dtype)

@@ -90,6 +90,11 @@ def test_training_memory_shards_everything_over_fsdp_and_gathers_local_experts()
             "ep_size must divide fsdp_size (transformers' DistributedConfig requires it), got ep_size=2, fsdp_size=3",
         ),
         ({"fsdp_size": 0}, "fsdp_size must be an integer >= 1, got 0"),
+        (
+            {"ep_size": 3, "fsdp_size": 3},
+            "ep_size must divide num_experts (each rank holds num_experts / ep_size experts), got ep_size=3, "
+            "num_experts=4",
+        ),
         ({"train_dtype": "int8"}, "train_dtype must be one of ['bfloat16', 'float16', 'float32'], got 'int8'"),
         ({"format": "gguf"}, "format must be one of ['hf_moe', 'native'], got 'gguf'"),
     ],
