@@ -1,6 +1,7 @@
 """The ``hf-moe`` command line: one argparse subcommand per task.
 
     hf-moe upcycle SOURCE OUTPUT_DIR --routing switch --num-experts 8 --top-k 2 --verify
+    hf-moe upcycle SOURCE OUTPUT_DIR --num-experts 8 --plan --fsdp-size 8   # sizes and memory; writes nothing
     hf-moe export MOE_DIR OUTPUT_DIR        # hf_moe -> native transformers MoE (qwen3_moe, mixtral, ...)
     hf-moe import NATIVE_DIR OUTPUT_DIR     # native MoE -> hf_moe
     hf-moe compare RUN_DIR [RUN_DIR ...] --output comparison/
@@ -22,6 +23,7 @@ from .upcycling import EXPERT_INITS, ROUTINGS, upcycle_checkpoint
 from .upcycling.convert import DTYPES, FORMATS
 from .upcycling.export import export_checkpoint, import_checkpoint
 from .upcycling.native import FAMILIES_BY_NATIVE, supported_mappings
+from .upcycling.plan import plan_upcycling
 from .upcycling.settings import DEFAULT_NOISE_STD, UPCYCLING_TOP_K, UpcyclingWarning
 from .upcycling.verify import VerificationError, VerificationReport
 
@@ -213,6 +215,14 @@ def configure_upcycle_parser(parser: argparse.ArgumentParser) -> None:
         f"architecture, loadable without hf_moe, for settings that have one ({supported_mappings()})",
     )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="write nothing: print, from SOURCE's config alone, the total and active parameters, the output size, "
+        "the conversion's peak memory and the per-rank training memory (with --ep-size/--fsdp-size)",
+    )
+    parser.add_argument("--ep-size", type=int, default=None, help="--plan: expert-parallel ranks of training (1)")
+    parser.add_argument("--fsdp-size", type=int, default=None, help="--plan: FSDP ranks of training (1)")
     parser.set_defaults(handler=run_upcycle, flag_names=flag_names(parser))
 
 
@@ -225,6 +235,11 @@ def run_upcycle(args: argparse.Namespace) -> int:
     if args.norm_topk_prob is not None:
         overrides["norm_topk_prob"] = args.norm_topk_prob
     options = {"noise_std": args.noise_std, "drop_ratio": args.drop_ratio}
+    if args.plan:
+        return _print_plan(args, {**{k: v for k, v in options.items() if v is not None}, **overrides})
+    for flag, value in (("--ep-size", args.ep_size), ("--fsdp-size", args.fsdp_size)):
+        if value is not None:
+            raise ValueError(f"{flag} applies to --plan only, got {flag} {value} without --plan")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UpcyclingWarning)
         output = upcycle_checkpoint(
@@ -258,6 +273,29 @@ def run_upcycle(args: argparse.Namespace) -> int:
     if args.format == "native":
         _print_native_report(config["hf_moe_export"].get("verification"), config["model_type"])
     print(f"Wrote {output}")
+    return 0
+
+
+def _print_plan(args: argparse.Namespace, options: dict) -> int:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UpcyclingWarning)  # the conversion itself reports them
+        plan = plan_upcycling(
+            args.source,
+            routing=args.routing,
+            num_experts=args.num_experts,
+            moe_layers=args.moe_layers,
+            expert_init=args.expert_init,
+            seed=args.seed,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            verify=args.verify,
+            format=args.format,
+            revision=args.revision,
+            ep_size=1 if args.ep_size is None else args.ep_size,
+            fsdp_size=1 if args.fsdp_size is None else args.fsdp_size,
+            **options,
+        )
+    print(plan.summary())
     return 0
 
 

@@ -4,11 +4,13 @@ Export and import (`export_checkpoint`, `import_checkpoint`) convert hf_moe chec
 from the native transformers MoE architectures with the same streaming, publishing and verification.
 `upcycle_model` converts an in-memory dense model; `upcycle_checkpoint` converts a checkpoint
 directory (or Hub id) by streaming tensors, with bounded memory. Both share the weight mapping
-and expert initialisation of `weights`.
+and expert initialisation of `weights`. `plan_upcycling` says beforehand, from the config alone,
+what a conversion and the training of its output need.
 """
 
 from .convert import upcycle_checkpoint, upcycle_model
 from .export import export_checkpoint, import_checkpoint
+from .plan import TrainingMemory, UpcyclingPlan, plan_upcycling
 from .settings import EXPERT_INITS, ROUTINGS, UpcyclingSettings, UpcyclingWarning
 from .verify import VerificationError, VerificationReport
 from .weights import TESTED_MODEL_TYPES
@@ -17,12 +19,15 @@ __all__ = [
     "EXPERT_INITS",
     "ROUTINGS",
     "TESTED_MODEL_TYPES",
+    "TrainingMemory",
+    "UpcyclingPlan",
     "UpcyclingSettings",
     "UpcyclingWarning",
     "VerificationError",
     "VerificationReport",
     "export_checkpoint",
     "import_checkpoint",
+    "plan_upcycling",
     "upcycle_checkpoint",
     "upcycle_model",
 ]
