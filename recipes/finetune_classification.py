@@ -23,7 +23,7 @@ from transformers import (
 )
 from trl import TrlParser
 
-from hf_moe.metrics import load_metric
+from hf_moe.metrics import accuracy, f1
 from hf_moe.training import (
     ClassificationDataArguments,
     CompleteCheckpoints,
@@ -72,15 +72,13 @@ def main(argv: list[str] | None = None) -> dict:
     if not moe_args.dense_control or moe_args.train_parameters == "lora":
         model = select_trainable_parameters(model, moe_args, head_names=classifier_head_names(model))
 
-    accuracy, f1 = load_metric("accuracy"), load_metric("f1")
-
     def compute_metrics(prediction) -> dict:
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
         predictions, references = logits.argmax(-1).tolist(), prediction.label_ids.tolist()
         average = "binary" if len(names) == 2 else "macro"
         return {
-            **accuracy.compute(predictions=predictions, references=references),
-            **f1.compute(predictions=predictions, references=references, average=average),
+            **accuracy(predictions=predictions, references=references),
+            **f1(predictions=predictions, references=references, average=average),
         }
 
     callbacks = [CompleteCheckpoints()]
