@@ -16,6 +16,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from .optional_dependencies import import_train_module
+
 COMPARISON_TABLE = "comparison.md"
 COMPARISON_PLOT = "loss_curves.png"
 
@@ -141,8 +143,7 @@ def comparison_table(runs: list[Run]) -> str:
 
 def plot_runs(runs: list[Run], path: Path) -> Path:
     """Training and evaluation task loss of every run against the optimizer step, one colour a run."""
-    import matplotlib
-
+    matplotlib = import_train_module("matplotlib", "hf-moe compare's plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

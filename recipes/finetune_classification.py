@@ -13,6 +13,9 @@ subset: task loss without the router terms, accuracy, F1 (binary for 2 labels, e
 
 import sys
 
+import hf_moe.training  # noqa: F401  (before trl: a missing [train] extra is named in one line)
+
+# isort: split
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
