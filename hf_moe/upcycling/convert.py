@@ -20,13 +20,12 @@ from pathlib import Path
 import torch
 from huggingface_hub import snapshot_download
 from transformers import AutoConfig, PreTrainedModel
-from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import CONFIG_NAME
-from transformers.utils.hub import convert_file_size_to_int
 
 from ..cards import upcycled_model_card
 from ..modeling.configuration_moe import HF_MOE_VERSION
 from ..optional_dependencies import import_train_module
+from ..transformers_internals import convert_file_size_to_int, custom_object_save
 from .settings import DEFAULT_NOISE_STD, UpcyclingSettings
 from .streaming import DenseCheckpoint, file_sha256, write_sharded_safetensors
 from .verify import VerificationError, verify_conversion
