@@ -73,7 +73,8 @@ def check_core() -> None:
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(dense).save_pretrained(work / "dense")
     tokenizer.save_pretrained(work / "dense")
-    run("upcycle", str(work / "dense"), str(work / "moe"), "--num-experts", "4", "--verify")
+    # Every layer MoE, so that the export below has a native architecture (mixtral) to write.
+    run("upcycle", str(work / "dense"), str(work / "moe"), "--num-experts", "4", "--moe-layers", "all", "--verify")
     card = (work / "moe" / "README.md").read_text()
     assert "hf_moe" in card and f"transformers {MIN_TRANSFORMERS} or newer" in card, card[:500]
     print("upcycle --verify with model card: ok")
