@@ -5,6 +5,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -137,3 +138,29 @@ def test_checkpoint_code_under_an_older_transformers_names_the_required_release(
         f'pip install "transformers>={MIN_TRANSFORMERS}"'
     ), result.stderr[-3000:]
     assert not re.search(r"cannot import name|SubConfigSpec", result.stderr), result.stderr[-3000:]
+
+
+def test_without_the_train_extra_hf_moe_imports_and_training_names_the_extra(tmp_path):
+    # The [train] packages are made unimportable (None in sys.modules), as in a core-only install.
+    code = textwrap.dedent(
+        """
+        import sys
+        for name in ("accelerate", "datasets", "matplotlib", "peft", "tensorboard", "trl"):
+            sys.modules[name] = None
+        import hf_moe, hf_moe.cli, hf_moe.upcycling
+        for use in ("import hf_moe.training", "hf_moe.compare_runs(['run'], output_dir='out')"):
+            try:
+                exec(use)
+            except ImportError as error:
+                print(error)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == [
+        f"hf_moe.training needs the [train] extra (accelerate, datasets, matplotlib, peft, tensorboard, trl not "
+        f"installed): {TRAIN_EXTRA}",
+        "the loss-curve plot of hf-moe compare (compare_runs with output_dir) needs the [train] extra (matplotlib "
+        f"not installed): {TRAIN_EXTRA}",
+    ]
+    assert not (tmp_path / "out").exists()
