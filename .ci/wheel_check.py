@@ -125,6 +125,8 @@ def check_core() -> None:
     assert result.returncode != 0 and len(named) == 1, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == named[0], result.stderr[-3000:]
     assert "ModuleNotFoundError" not in result.stderr, result.stderr[-3000:]
+    missing = [TRAIN_PACKAGES[m] for m in TRAIN_PACKAGES if m != "yaml"]
+    assert f"({', '.join(missing)} not installed)" in named[0], named[0]
     print(f"recipe without [train]: {named[0]}")
 
 

@@ -7,7 +7,7 @@ it they stop when used, with one line naming the extra, and ``import hf_moe`` st
 """
 
 import importlib
-import importlib.util
+import importlib.metadata
 import sys
 from types import ModuleType
 
@@ -27,7 +27,13 @@ TRAIN_PACKAGES = {
 def _installed(module: str) -> bool:
     if module in sys.modules:  # None there means "not importable"
         return sys.modules[module] is not None
-    return importlib.util.find_spec(module) is not None
+    # The distribution, not find_spec: a folder named like the module (recipes/accelerate/, which
+    # holds launch configs) would pass for it.
+    try:
+        importlib.metadata.distribution(TRAIN_PACKAGES[module])
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def require_train_extra(feature: str, modules: tuple[str, ...] = tuple(TRAIN_PACKAGES)) -> None:
