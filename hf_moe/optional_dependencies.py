@@ -25,10 +25,10 @@ TRAIN_PACKAGES = {
 
 
 def _installed(module: str) -> bool:
-    if module in sys.modules:  # None there means "not importable"
-        return sys.modules[module] is not None
-    # The distribution, not find_spec: a folder named like the module (recipes/accelerate/, which
-    # holds launch configs) would pass for it.
+    if module in sys.modules and sys.modules[module] is None:  # None there means "not importable"
+        return False
+    # The distribution, not find_spec or sys.modules: a folder named like the module (recipes/accelerate/,
+    # which holds launch configs) passes for a namespace package, and may already be imported as one.
     try:
         importlib.metadata.distribution(TRAIN_PACKAGES[module])
     except importlib.metadata.PackageNotFoundError:
