@@ -10,7 +10,7 @@ from importlib import resources
 import jinja2
 from huggingface_hub import ModelCard, ModelCardData
 
-from .modeling.configuration_moe import HF_MOE_VERSION, SUPPORTED_TRANSFORMERS
+from .modeling.configuration_moe import HF_MOE_VERSION, MIN_TRANSFORMERS, TESTED_TRANSFORMERS
 
 TEMPLATES = resources.files("hf_moe") / "card_templates"
 
@@ -30,14 +30,16 @@ def render_model_card(template_name: str, **fields) -> str:
     ``card_data`` (a `ModelCardData`) becomes the YAML front matter (``{{ card_data }}`` in the
     template); every other field is a template variable. A variable the template uses but
     ``fields`` lacks is an error, not an empty string. Every template may also use
-    ``hf_moe_version`` and ``supported_transformers``: which code a checkpoint carries, and the
-    transformers releases that code supports.
+    ``hf_moe_version``, ``min_transformers`` and ``tested_transformers``: which code a checkpoint
+    carries, the oldest transformers release that code runs on and the newest it was tested with.
     """
     card_data = fields.pop("card_data", None) or ModelCardData()
     environment = jinja2.Environment(
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True
     )
-    environment.globals.update(hf_moe_version=HF_MOE_VERSION, supported_transformers=SUPPORTED_TRANSFORMERS)
+    environment.globals.update(
+        hf_moe_version=HF_MOE_VERSION, min_transformers=MIN_TRANSFORMERS, tested_transformers=TESTED_TRANSFORMERS
+    )
     template = environment.from_string(read_template(template_name))
     try:
         text = template.render(card_data=card_data.to_yaml(), **fields)

@@ -486,7 +486,7 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     except VerificationError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return EXIT_VERIFICATION_FAILED
-    except (ValueError, TypeError, OSError) as error:  # FileNotFoundError, FileExistsError, disk space
+    except (ValueError, TypeError, OSError, ImportError) as error:  # files, disk space, a missing extra
         print(f"{parser.prog}: error: {in_cli_terms(str(error), getattr(args, 'flag_names', {}))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

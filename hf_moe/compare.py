@@ -16,6 +16,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from .optional_dependencies import import_train_module, require_train_extra
+
 COMPARISON_TABLE = "comparison.md"
 COMPARISON_PLOT = "loss_curves.png"
 
@@ -178,8 +180,7 @@ def comparison_table(runs: list[Run]) -> str:
 
 def plot_runs(runs: list[Run], path: Path) -> Path:
     """Training and evaluation task loss of every run against the optimizer step, one colour a run."""
-    import matplotlib
-
+    matplotlib = import_train_module("matplotlib", "hf-moe compare's plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -209,6 +210,8 @@ def compare_runs(run_dirs: list[str | Path], output_dir: str | Path | None = Non
     ``comparison.md`` next to ``loss_curves.png``. Existing files are kept unless ``overwrite``."""
     if not run_dirs:
         raise ValueError("run_dirs must name at least one run folder, got none")
+    if output_dir is not None:  # the plot needs matplotlib: stop before anything is written
+        require_train_extra("the loss-curve plot of hf-moe compare (compare_runs with output_dir)", ("matplotlib",))
     if output_dir is not None and not overwrite:
         existing = [
             Path(output_dir) / n for n in (COMPARISON_TABLE, COMPARISON_PLOT) if (Path(output_dir) / n).exists()

@@ -36,6 +36,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, get_scheduler
 
+import hf_moe.training  # noqa: F401  (the fine-tuning steps need the [train] extra: checked up front)
+
 RECIPES = Path(__file__).resolve().parent
 
 

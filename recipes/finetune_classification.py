@@ -14,6 +14,9 @@ subset: task loss without the router terms, accuracy, F1 (binary for 2 labels, e
 
 import sys
 
+import hf_moe.training  # noqa: F401  (before trl: a missing [train] extra is named in one line)
+
+# isort: split
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -23,7 +26,7 @@ from transformers import (
 )
 from trl import TrlParser
 
-from hf_moe.metrics import load_metric
+from hf_moe.metrics import accuracy, f1
 from hf_moe.training import (
     ClassificationDataArguments,
     CompleteCheckpoints,
@@ -74,15 +77,13 @@ def main(argv: list[str] | None = None) -> dict:
     if not moe_args.dense_control or moe_args.train_parameters == "lora":
         model = select_trainable_parameters(model, moe_args, head_names=classifier_head_names(model))
 
-    accuracy, f1 = load_metric("accuracy"), load_metric("f1")
-
     def compute_metrics(prediction) -> dict:
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
         predictions, references = logits.argmax(-1).tolist(), prediction.label_ids.tolist()
         average = "binary" if len(names) == 2 else "macro"
         return {
-            **accuracy.compute(predictions=predictions, references=references),
-            **f1.compute(predictions=predictions, references=references, average=average),
+            **accuracy(predictions=predictions, references=references),
+            **f1(predictions=predictions, references=references, average=average),
         }
 
     callbacks = [CompleteCheckpoints()]

@@ -15,6 +15,9 @@ mode; `MoeCallback` logs the task loss without the router terms, perplexity, the
 
 import sys
 
+import hf_moe.training  # noqa: F401  (before trl: a missing [train] extra is named in one line)
+
+# isort: split
 from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback
 from trl import TrlParser
 

@@ -5,7 +5,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 import hf_moe.cards as cards
 from hf_moe.cards import format_count, render_model_card
-from hf_moe.modeling.configuration_moe import HF_MOE_VERSION, SUPPORTED_TRANSFORMERS
+from hf_moe.modeling.configuration_moe import HF_MOE_VERSION, MIN_TRANSFORMERS, TESTED_TRANSFORMERS
 
 
 @pytest.fixture
@@ -49,12 +49,13 @@ def test_format_count(count, text):
 @pytest.mark.parametrize("name", ["upcycled", "finetuned", "imported"])
 def test_cards_of_checkpoints_with_our_code_name_its_version_and_transformers_range(name):
     text = cards.read_template(name)
-    assert "{{ hf_moe_version }}" in text and "{{ supported_transformers }}" in text
+    assert all(f"{{{{ {field} }}}}" in text for field in ("hf_moe_version", "min_transformers", "tested_transformers"))
 
 
 def test_every_template_can_use_the_version_and_range_without_passing_them(templates):
     (templates / "versioned.md").write_text(
-        "---\n{{ card_data }}\n---\n\nhf_moe {{ hf_moe_version }}, transformers {{ supported_transformers }}\n"
+        "---\n{{ card_data }}\n---\n\nhf_moe {{ hf_moe_version }}, transformers {{ min_transformers }}"
+        " to {{ tested_transformers }}\n"
     )
     text = render_model_card("versioned")
-    assert f"hf_moe {HF_MOE_VERSION}, transformers {SUPPORTED_TRANSFORMERS}" in text
+    assert f"hf_moe {HF_MOE_VERSION}, transformers {MIN_TRANSFORMERS} to {TESTED_TRANSFORMERS}" in text

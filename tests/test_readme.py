@@ -22,3 +22,7 @@ def test_readme_gives_the_test_command_that_ci_runs():
     ci = (README.parent / ".ci" / "run").read_text()
     test_commands = [c for c in commands if "pytest" in c]
     assert len(test_commands) == 1 and test_commands[0] in ci
+    # The tests need the [dev] extra, the demo fine-tunes and needs [train].
+    assert '".[dev]"' in test_commands[0]
+    demo_commands = [c for c in commands if "recipes/demo.py" in c]
+    assert len(demo_commands) == 1 and '".[train]"' in demo_commands[0]

@@ -10,13 +10,28 @@ This file is copied next to saved checkpoints for ``trust_remote_code``: relativ
 
 import math
 
-from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+import transformers
+from packaging.version import Version  # a dependency of transformers
 
-# The release of this code, and the transformers releases it is tested with. Both are written into
-# every saved config.json: this file travels with checkpoints and meets later transformers releases.
+# The release of this code; the oldest transformers release it runs on (the lower bound of hf_moe's
+# transformers range, proven by CI's lowest suite) and the newest release CI has run it with. The
+# tested release is a record, not a cap. All three are written into every saved config.json: this
+# file travels with checkpoints and meets other transformers releases.
 HF_MOE_VERSION = "0.2.0"
-SUPPORTED_TRANSFORMERS = ">=5.23,<5.25"
+MIN_TRANSFORMERS = "5.23.0"
+TESTED_TRANSFORMERS = "5.25.0"
+
+# Checked before anything newer than MIN_TRANSFORMERS is imported (SubConfigSpec below), so an older
+# release (say a serving engine's) gets this message rather than an ImportError about one name.
+if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
+    raise ImportError(
+        f"This checkpoint's code (hf_moe {HF_MOE_VERSION}) needs transformers>={MIN_TRANSFORMERS} "
+        f"(tested with {TESTED_TRANSFORMERS}), but transformers {transformers.__version__} is installed: "
+        f'pip install "transformers>={MIN_TRANSFORMERS}"'
+    )
+
+from transformers import AutoConfig, PreTrainedConfig  # noqa: E402  (after the release check)
+from transformers.configuration_utils import SubConfigSpec  # noqa: E402
 
 MOE_LAYER_SHORTHANDS = ("all", "every_other", "last_half")
 # Label fields of a classifier: the nested decoder builds the head, pipelines read the outer config.
@@ -71,9 +86,11 @@ class MoeConfig(PreTrainedConfig):
 
     def to_dict(self) -> dict:
         output = super().to_dict()
-        # Which code wrote this checkpoint, and the transformers releases that code supports.
+        # Which code wrote this checkpoint, the oldest transformers release that code runs on and
+        # the newest one it was tested with.
         output["hf_moe_version"] = HF_MOE_VERSION
-        output["hf_moe_supported_transformers"] = SUPPORTED_TRANSFORMERS
+        output["hf_moe_min_transformers"] = MIN_TRANSFORMERS
+        output["hf_moe_tested_transformers"] = TESTED_TRANSFORMERS
         return output
 
     def __setattr__(self, key, value):

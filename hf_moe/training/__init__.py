@@ -2,6 +2,7 @@
 the SFT trainer that keeps the router terms, and the pieces the recipes in ``recipes/`` share
 (options, data, model loading, parameter selection, output folder, model card, Hub upload)."""
 
+from . import requires_train_extra  # noqa: F401  (first: names a missing [train] extra)
 from .arguments import ClassificationDataArguments, DataArguments, MoeArguments, MoeTrainingArguments
 from .callback import MoeCallback
 from .data import check_columns, label_names, load_train_and_validation, to_sft_columns, tokenize_for_classification

@@ -18,15 +18,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 from huggingface_hub import snapshot_download
 from transformers import AutoConfig, PreTrainedModel
-from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import CONFIG_NAME
-from transformers.utils.hub import convert_file_size_to_int
 
 from ..cards import upcycled_model_card
 from ..modeling.configuration_moe import HF_MOE_VERSION
+from ..optional_dependencies import import_train_module
+from ..transformers_internals import convert_file_size_to_int, custom_object_save
 from .settings import DEFAULT_NOISE_STD, UpcyclingSettings
 from .streaming import DenseCheckpoint, check_finite, file_sha256, write_sharded_safetensors
 from .verify import VerificationError, verify_conversion
@@ -127,7 +126,8 @@ def upcycle_model(
         out.name: materialize(produce(t, out, read, settings, config), out)
         for t, out in zip(plan.tensors, outputs, strict=True)
     }
-    with init_empty_weights(include_buffers=False):
+    accelerate = import_train_module("accelerate", "upcycle_model")
+    with accelerate.init_empty_weights(include_buffers=False):
         model = plan.moe_class(config)
     result = model.load_state_dict(tensors, assign=True, strict=False)
     leftover = set(result.missing_keys) - set(model.all_tied_weights_keys)

@@ -18,7 +18,7 @@ from backbones import VOCAB, dense_config
 from transformers import AutoModelForCausalLM
 
 import hf_moe
-from hf_moe.modeling.configuration_moe import HF_MOE_VERSION, SUPPORTED_TRANSFORMERS
+from hf_moe.modeling.configuration_moe import HF_MOE_VERSION, MIN_TRANSFORMERS, TESTED_TRANSFORMERS
 
 LOADER = textwrap.dedent(
     """
@@ -114,7 +114,8 @@ def test_saved_checkpoint_loads_with_remote_code_in_a_clean_process(config_class
         "AutoModelForCausalLM": f"modeling_moe.{prefix}ForCausalLM",
     }
     assert saved["hf_moe_version"] == HF_MOE_VERSION == hf_moe.__version__
-    assert saved["hf_moe_supported_transformers"] == SUPPORTED_TRANSFORMERS
+    assert saved["hf_moe_min_transformers"] == MIN_TRANSFORMERS
+    assert saved["hf_moe_tested_transformers"] == TESTED_TRANSFORMERS
     for name in ("configuration_moe.py", "modeling_moe.py", "routing.py", "experts.py"):
         assert (checkpoint / name).is_file()
 
