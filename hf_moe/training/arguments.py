@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from transformers import TrainingArguments
+from transformers import DistributedConfig, TrainingArguments
 
 from hf_moe.modeling.configuration_moe import BALANCE_SCOPES
 from hf_moe.upcycling import EXPERT_INITS, ROUTINGS
@@ -172,11 +172,7 @@ class MoeArguments:
             return []
         if not isinstance(self.distributed_config, dict):
             return [f"distributed_config must map DistributedConfig fields to values, got {self.distributed_config!r}"]
-        from dataclasses import fields
-
-        from transformers.distributed import DistributedConfig
-
-        allowed = [f.name for f in fields(DistributedConfig)]
+        allowed = [f.name for f in dataclasses.fields(DistributedConfig)]
         unknown = sorted(set(self.distributed_config) - set(allowed))
         found = [f"distributed_config keys must be among {allowed}, got {unknown}"] if unknown else []
         if self.train_parameters == "lora":

@@ -2,7 +2,7 @@
 with the recipe's MoE and dropout options applied to the config before the modules are built."""
 
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, DistributedConfig
 from transformers.utils import logging
 
 logger = logging.get_logger("hf_moe.training")
@@ -60,8 +60,6 @@ def distributed_kwargs(config) -> dict:
     """``from_pretrained``'s ``distributed_config`` from `MoeArguments.distributed_config` (empty without one)."""
     if config.distributed_config is None:
         return {}
-    from transformers.distributed import DistributedConfig
-
     try:
         return {"distributed_config": DistributedConfig(**config.distributed_config)}
     except ValueError as error:
