@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from ep_tasks import data_slice, forward_results, labels_of
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
@@ -137,7 +139,12 @@ def assert_same(got: dict, want: dict, name: str) -> None:
 
 EP2_FSDP2 = {"ep_size": 2, "fsdp_size": 2}  # all-to-all: each rank its own rows
 EP2_TP2 = {"ep_size": 2, "tp_size": 2}  # the ranks share the rows: all-reduce at inference, attention split too
-EP2_ALL_REDUCE = {"ep_size": 2, "tp_size": 2, "tp_plan": {}, "ep_implementation": "all_reduce"}
+# Every rank runs its own experts on all rows and the outputs are summed. transformers accepts
+# tp_plan={} (the dense weights whole, no TP rules) from 5.25 on; earlier releases refuse an empty
+# plan under tp_size=2, so there the attention is split by TP as well.
+EP2_ALL_REDUCE = {"ep_size": 2, "tp_size": 2, "ep_implementation": "all_reduce"}
+if Version(transformers.__version__) >= Version("5.25"):
+    EP2_ALL_REDUCE["tp_plan"] = {}
 EXPERT_CHOICE_ROUTING = {"inference_routing": "expert_choice"}
 FORWARD_TASKS = [
     {"name": "switch", "checkpoint": "switch", "distributed": EP2_FSDP2, "generate": 5},
