@@ -19,18 +19,13 @@ from transformers import AutoConfig
 from transformers.utils import CONFIG_NAME
 
 from ..cards import exported_model_card, imported_model_card
+from ..checkpoints.sources import _write_metadata, copy_data_files, resolve_paths
+from ..checkpoints.staging import _check_disk_space, staged_output, staging_prefix
+from ..checkpoints.streaming import DenseCheckpoint, OutputTensor, write_sharded_safetensors
+from ..checkpoints.units import _parse_size
 from ..modeling import SwitchMoeConfig
 from ..modeling.configuration_moe import HF_MOE_VERSION
-from .convert import (
-    _check_disk_space,
-    _parse_size,
-    _write_metadata,
-    copy_data_files,
-    load_dense_config,
-    resolve_paths,
-    staged_output,
-    staging_prefix,
-)
+from .convert import load_dense_config
 from .native import (
     FAMILIES_BY_DENSE,
     FAMILIES_BY_NATIVE,
@@ -42,7 +37,6 @@ from .native import (
     tensor_rules,
 )
 from .settings import UpcyclingSettings
-from .streaming import DenseCheckpoint, OutputTensor, write_sharded_safetensors
 from .verify import TOLERANCE, VERIFY_SEQ_LEN, VerificationError, relative_deviation
 from .weights import check_floating, check_layer_count, head_of, plan_conversion
 

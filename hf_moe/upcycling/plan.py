@@ -21,11 +21,12 @@ import psutil
 import torch
 from transformers import AutoConfig, PreTrainedConfig
 
+from ..checkpoints.streaming import OutputTensor, _header_bytes, assign_shards, tensor_nbytes
+from ..checkpoints.units import DTYPES, _parse_dtype, _parse_size, format_bytes
 from ..modeling.experts import GroupedLinear
-from .convert import DTYPES, FORMATS, _parse_dtype, _parse_size, format_bytes, load_dense_config
+from .convert import FORMATS, load_dense_config
 from .native import FAMILIES_BY_DENSE, export_problems, tensor_rules
 from .settings import DEFAULT_NOISE_STD, UpcyclingSettings
-from .streaming import OutputTensor, _header_bytes, assign_shards, tensor_nbytes
 from .weights import (
     BACKBONE_PREFIX,
     ConversionPlan,

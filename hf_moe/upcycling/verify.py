@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from .streaming import DenseCheckpoint
+from ..checkpoints.streaming import DenseCheckpoint
 from .weights import BACKBONE_PREFIX, ConversionPlan, resolve_dtype
 
 TOLERANCE = 1e-5

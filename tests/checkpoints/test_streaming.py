@@ -5,7 +5,7 @@ import json
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_moe.upcycling.streaming import DenseCheckpoint, OutputTensor, SafetensorsFile, write_sharded_safetensors
+from hf_moe.checkpoints.streaming import DenseCheckpoint, OutputTensor, SafetensorsFile, write_sharded_safetensors
 
 TENSORS = {
     "a.weight": torch.randn(4, 3, 5),
