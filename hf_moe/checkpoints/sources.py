@@ -15,7 +15,7 @@ from huggingface_hub import snapshot_download
 from transformers.utils import CONFIG_NAME
 
 from ..transformers_internals import custom_object_save
-from .staging import _check_output_dir, _real_output_dir, clear_stale_staging
+from .staging import check_output_dir, clear_stale_staging, real_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +42,9 @@ def resolve_paths(source, output_dir, overwrite: bool, revision: str | None) -> 
     symlinks resolved (a symlinked output refused), staging folders of dead conversions removed,
     a non-empty output kept unless ``overwrite``, and the output neither the source nor inside it.
     Returns the source folder, its provenance and the output directory."""
-    output_dir = _real_output_dir(output_dir)
+    output_dir = real_output_dir(output_dir)
     clear_stale_staging(output_dir)
-    _check_output_dir(output_dir, overwrite)
+    check_output_dir(output_dir, overwrite)
     folder, origin = resolve_source(source, revision)
     if folder == output_dir or output_dir in folder.parents:
         raise ValueError(f"output_dir={str(output_dir)!r} must not be or contain source={str(folder)!r}")
@@ -85,7 +85,7 @@ def resolve_source(source, revision: str | None) -> tuple[Path, dict]:
     return folder, {"source": str(source), "revision": folder.name}
 
 
-def _tokenizer_remote_code(folder: Path, allowed: bool) -> dict | None:
+def tokenizer_remote_code(folder: Path, allowed: bool) -> dict | None:
     """The ``auto_map`` through which the source's tokenizer would run custom code, or None.
 
     Refused unless ``allowed``: the converted checkpoint copies no code, and copying the data of a
@@ -111,12 +111,12 @@ def _tokenizer_remote_code(folder: Path, allowed: bool) -> dict | None:
     return found or None
 
 
-def _write_metadata(staging: Path, plan, source_folder: Path) -> None:
-    """config.json with ``auto_map``, the modeling code for ``trust_remote_code``, and the
-    tokenizer / generation / chat-template files of the source: what ``save_pretrained`` writes."""
-    config = plan.config
-    config.architectures = [plan.moe_class.__name__]
-    custom_object_save(plan.meta_moe, staging, config=config)
+def write_metadata(staging: Path, model, config, source_folder: Path) -> None:
+    """config.json with ``auto_map``, the modeling code of ``model`` (a meta-device model is enough)
+    for ``trust_remote_code``, and the tokenizer / generation / chat-template files of the source:
+    what ``save_pretrained`` writes besides the weights."""
+    config.architectures = [type(model).__name__]
+    custom_object_save(model, staging, config=config)
     config.save_pretrained(staging)
     copy_data_files(source_folder, staging)
 

@@ -29,7 +29,7 @@ NEW_OUTPUT_MARKER = f".{STAGING_TAG}-new-output"  # in a replaced folder: the id
 HOST = re.sub(r"[^\w-]", "-", socket.gethostname()) or "localhost"
 
 
-def _real_output_dir(output_dir) -> Path:
+def real_output_dir(output_dir) -> Path:
     """The output path with its parent's symlinks resolved; a symlink as the output itself is refused,
     since publishing renames folders and replacing would act on the link's target."""
     path = Path(output_dir).expanduser().absolute()
@@ -41,14 +41,14 @@ def _real_output_dir(output_dir) -> Path:
     return path.parent.resolve() / path.name
 
 
-def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"output_dir={str(output_dir)!r} exists and is not a directory")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"output_dir={str(output_dir)!r} is not empty; pass overwrite=True to replace it")
 
 
-def _check_disk_space(output_dir: Path, needed: int) -> None:
+def check_disk_space(output_dir: Path, needed: int) -> None:
     """Refuse an output that cannot be written, or whose disk lacks ``needed`` bytes, before writing."""
     existing = next((p for p in output_dir.parents if p.exists()), output_dir.parent)
     problem = None

@@ -7,7 +7,7 @@ from ..transformers_internals import convert_file_size_to_int
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def _parse_dtype(dtype) -> torch.dtype | None:
+def parse_dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     if isinstance(dtype, str) and dtype in DTYPES:
@@ -15,7 +15,7 @@ def _parse_dtype(dtype) -> torch.dtype | None:
     raise ValueError(f"dtype must be one of {list(DTYPES)} or None (keep the source's), got {dtype!r}")
 
 
-def _parse_size(size) -> int:
+def parse_size(size) -> int:
     try:
         value = convert_file_size_to_int(size)
     except (ValueError, TypeError, AttributeError):  # AttributeError: a float such as nan

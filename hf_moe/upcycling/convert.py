@@ -14,10 +14,10 @@ from transformers import AutoConfig, PreTrainedModel
 from transformers.utils import CONFIG_NAME
 
 from ..cards import upcycled_model_card
-from ..checkpoints.sources import _tokenizer_remote_code, _write_metadata, resolve_paths
-from ..checkpoints.staging import _check_disk_space, staged_output
-from ..checkpoints.streaming import DenseCheckpoint, check_finite, file_sha256, write_sharded_safetensors
-from ..checkpoints.units import _parse_dtype, _parse_size
+from ..checkpoints.sources import resolve_paths, tokenizer_remote_code, write_metadata
+from ..checkpoints.staging import check_disk_space, staged_output
+from ..checkpoints.streaming import CheckpointReader, check_finite, file_sha256, write_sharded_safetensors
+from ..checkpoints.units import parse_dtype, parse_size
 from ..modeling.configuration_moe import HF_MOE_VERSION
 from ..optional_dependencies import import_train_module
 from .settings import DEFAULT_NOISE_STD, UpcyclingSettings
@@ -187,10 +187,10 @@ def upcycle_checkpoint(
         seed=seed,
         config_overrides=config_overrides,
     )
-    target_dtype = _parse_dtype(dtype)
-    shard_bytes = _parse_size(max_shard_size)
+    target_dtype = parse_dtype(dtype)
+    shard_bytes = parse_size(max_shard_size)
     folder, origin, output_dir = resolve_paths(source, output_dir, overwrite, revision)
-    tokenizer_code = _tokenizer_remote_code(folder, allow_tokenizer_remote_code)
+    tokenizer_code = tokenizer_remote_code(folder, allow_tokenizer_remote_code)
 
     text_config = load_dense_config(folder)
     head = head_of((text_config.architectures or ["ForCausalLM"])[0])
@@ -204,7 +204,7 @@ def upcycle_checkpoint(
         record["tokenizer_remote_code_not_copied"] = tokenizer_code
     config = settings.build_config(text_config, upcycling=record)
 
-    with DenseCheckpoint(folder) as checkpoint:
+    with CheckpointReader(folder) as checkpoint:
         check_layer_count(text_config, checkpoint.keys(), folder)
         plan = plan_conversion(config, head)
         mapping = match_source_names(plan, checkpoint.keys())
@@ -212,7 +212,7 @@ def upcycle_checkpoint(
         check_dtypes(plan, checkpoint.dtype, mapping)
         outputs = output_tensors(plan, lambda dense_name: checkpoint.dtype(mapping[dense_name]), target_dtype)
         total_bytes = sum(out.nbytes for out in outputs)
-        _check_disk_space(output_dir, total_bytes)
+        check_disk_space(output_dir, total_bytes)
         if origin["revision"] is None:
             record["source_sha256"] = {name: file_sha256(folder / name) for name in checkpoint.files}
         config.upcycling = record
@@ -231,7 +231,7 @@ def upcycle_checkpoint(
             )
             floating = [out.dtype for out in outputs if out.dtype.is_floating_point]
             config.dtype = max(set(floating), key=floating.count) if floating else None
-            _write_metadata(staging, plan, folder)
+            write_metadata(staging, plan.meta_moe, plan.config, folder)
             if verify:
                 report = verify_conversion(
                     plan, read, staging, folder, target_dtype, settings.expert_init, settings.seed

@@ -283,7 +283,7 @@ def test_output_linking_to_the_source_is_refused_and_the_source_kept(source, tmp
 
 @pytest.mark.parametrize("target", ["empty", "missing"])
 def test_output_linking_to_an_empty_or_missing_folder_is_refused_up_front(target, source, tmp_path, monkeypatch):
-    monkeypatch.setattr(convert, "DenseCheckpoint", None)  # fails loudly if the conversion starts
+    monkeypatch.setattr(convert, "CheckpointReader", None)  # fails loudly if the conversion starts
     if target == "empty":
         (tmp_path / target).mkdir()
     (tmp_path / "out").symlink_to(tmp_path / target)
