@@ -7,6 +7,8 @@ Both build the same `ConversionPlan` from meta-device models and produce every M
 import copy
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -15,11 +17,13 @@ from transformers.utils import CONFIG_NAME
 
 from ..cards import upcycled_model_card
 from ..checkpoints.sources import resolve_paths, tokenizer_remote_code, write_metadata
-from ..checkpoints.staging import check_disk_space, staged_output
+from ..checkpoints.staging import check_disk_space, staged_output, staging_prefix
 from ..checkpoints.streaming import CheckpointReader, check_finite, file_sha256, write_sharded_safetensors
 from ..checkpoints.units import parse_dtype, parse_size
 from ..modeling.configuration_moe import HF_MOE_VERSION
 from ..optional_dependencies import import_train_module
+from .export import export_folder
+from .native import export_problems, export_status
 from .settings import DEFAULT_NOISE_STD, UpcyclingSettings
 from .verify import VerificationError, verify_conversion
 from .weights import (
@@ -31,6 +35,7 @@ from .weights import (
     match_source_names,
     materialize,
     output_tensors,
+    parameter_counts,
     plan_conversion,
     produce,
 )
@@ -168,11 +173,9 @@ def upcycle_checkpoint(
     if format not in FORMATS:
         raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
     if format == "native":
-        from .export import upcycle_to_native  # export builds on this module
-
         options = dict(routing=routing, num_experts=num_experts, moe_layers=moe_layers, expert_init=expert_init)
         options.update(noise_std=noise_std, drop_ratio=drop_ratio, seed=seed, dtype=dtype, **config_overrides)
-        return upcycle_to_native(
+        return _upcycle_to_native(
             source, output_dir, overwrite=overwrite, revision=revision, verify=verify,
             max_shard_size=max_shard_size, progress=progress,
             allow_tokenizer_remote_code=allow_tokenizer_remote_code, **options,
@@ -243,8 +246,51 @@ def upcycle_checkpoint(
                         f"deviates by more than {report.tolerance:g} (relative, float32).\n{report.summary()}"
                     )
                 config.save_pretrained(staging)
-            (staging / "README.md").write_text(upcycled_model_card(plan, output_dir.name))
+            total, active = parameter_counts(plan)
+            card = upcycled_model_card(
+                config, plan.moe_class, output_dir.name, total, active, export_status(config, head)
+            )
+            (staging / "README.md").write_text(card)
     return output_dir
+
+
+def _upcycle_to_native(
+    source,
+    output_dir,
+    *,
+    overwrite: bool,
+    revision,
+    verify: bool,
+    max_shard_size,
+    progress,
+    allow_tokenizer_remote_code: bool,
+    **options,
+):
+    """``upcycle_checkpoint(..., format="native")``: check that the settings are exportable, upcycle
+    into a hidden temporary folder (with the upcycler's own verification), then export from it."""
+    dtype = options.pop("dtype", None)
+    settings_options = {k: options.pop(k) for k in list(options) if k in UpcyclingSettings.__dataclass_fields__}
+    settings = UpcyclingSettings(**settings_options, config_overrides=options)
+    shard_bytes = parse_size(max_shard_size)
+    folder, origin, output_dir = resolve_paths(source, output_dir, overwrite, revision)
+    text_config = load_dense_config(folder)
+    head = head_of((text_config.architectures or ["ForCausalLM"])[0])
+    problems = export_problems(settings.build_config(text_config), head, flags=True)
+    if problems:
+        raise ValueError("--format native cannot write these settings natively:\n  - " + "\n  - ".join(problems))
+    check_disk_space(output_dir, 0)  # an unwritable OUTPUT_DIR is named before the temporary folder is made
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=staging_prefix(output_dir, "unfinished"), dir=output_dir.parent))
+    try:
+        moe_dir = upcycle_checkpoint(
+            folder, work / "moe", verify=verify, progress=progress, max_shard_size=max_shard_size, dtype=dtype,
+            allow_tokenizer_remote_code=allow_tokenizer_remote_code, **settings_options, **options,
+        )  # fmt: skip
+        config = AutoConfig.from_pretrained(moe_dir)
+        config.upcycling["source"], config.upcycling["revision"] = origin["source"], origin["revision"]
+        return export_folder(moe_dir, origin, config, output_dir, shard_bytes, verify, overwrite, progress)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def load_dense_config(folder: Path):
