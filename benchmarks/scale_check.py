@@ -54,7 +54,7 @@ def write_dense_checkpoint(folder: Path, config) -> int:
     """Random bfloat16 weights (norms 1), one tensor in memory at a time; returns the bytes written."""
     from transformers import AutoModelForCausalLM
 
-    from hf_moe.upcycling.streaming import OutputTensor, write_sharded_safetensors
+    from hf_moe.checkpoints.streaming import OutputTensor, write_sharded_safetensors
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)

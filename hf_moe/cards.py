@@ -57,15 +57,15 @@ def format_count(count: float) -> str:
     return str(int(count))
 
 
-def upcycled_model_card(plan, model_name: str) -> str:
-    """The card of an upcycled checkpoint (``card_templates/upcycled.md``) from its conversion plan."""
-    from .upcycling.weights import head_of, parameter_counts  # the card needs the plan's meta model
-
-    config = plan.config
+def upcycled_model_card(
+    config, model_class: type, model_name: str, total_params: int, active_params: int, export_status: str
+) -> str:
+    """The card of an upcycled checkpoint (``card_templates/upcycled.md``): its MoE ``config`` (with
+    the ``upcycling`` record), the class it loads as, its parameter counts (total, active per token)
+    and whether it can be exported (`hf_moe.upcycling.native.export_status`)."""
     upcycling = config.upcycling
     text_config = config.text_config
     is_switch = config.model_type == "switch_moe"
-    total, active = parameter_counts(plan)
     if is_switch:
         gates = "renormalised to sum 1" if config.norm_topk_prob else "raw softmax probability (Switch eq. 2)"
         routing = f"token choice, top-{config.num_experts_per_tok} of {config.num_experts}, gates {gates}"
@@ -73,7 +73,7 @@ def upcycled_model_card(plan, model_name: str) -> str:
             "dropless" if config.eval_capacity_factor is None else f"capacity factor {config.eval_capacity_factor}"
         )
     else:
-        inference = config.inference_routing or plan.moe_class.default_inference_routing
+        inference = config.inference_routing or model_class.default_inference_routing
         routing = f"expert choice over {config.num_experts} experts, inference routing {inference!r}"
         capacity = (
             f"capacity factor {config.capacity_factor} (each expert takes round(c * seq_len / E) tokens of a sequence)"
@@ -95,7 +95,7 @@ def upcycled_model_card(plan, model_name: str) -> str:
         base_model=base_model,
         library_name="transformers",
         tags=["moe", "upcycled", config.model_type, "hf_moe"],
-        pipeline_tag="text-generation" if plan.moe_class.__name__.endswith("ForCausalLM") else None,
+        pipeline_tag="text-generation" if model_class.__name__.endswith("ForCausalLM") else None,
     )
     verification = upcycling.get("verification")
     return render_model_card(
@@ -106,80 +106,30 @@ def upcycled_model_card(plan, model_name: str) -> str:
         revision=upcycling.get("revision"),
         dense_model_type=text_config.model_type,
         model_type=config.model_type,
-        model_class=plan.moe_class.__name__,
-        auto_class=plan.moe_class.dense_auto_class.__name__,
+        model_class=model_class.__name__,
+        auto_class=model_class.dense_auto_class.__name__,
         num_experts=config.num_experts,
         routing=routing,
         capacity=capacity,
         moe_layers=", ".join(str(i) for i in config.moe_layers),
         num_layers=text_config.num_hidden_layers,
-        total_params=format_count(total),
-        active_params=format_count(active),
+        total_params=format_count(total_params),
+        active_params=format_count(active_params),
         expert_init=init,
         router_init_std=config.router_init_std,
         seed=upcycling["seed"],
         dtype=upcycling.get("dtype") or "as the source",
         verification=verification,
         tokenizer_remote_code=upcycling.get("tokenizer_remote_code_not_copied"),
-        export_status=export_status(config, head_of(plan.moe_class.__name__)),
+        export_status=export_status,
     )
 
 
-def export_status(config, head: int) -> str:
-    """Whether an hf_moe model can be exported to a native architecture (the upcycled card's line)."""
-    from .upcycling.native import FAMILIES_BY_DENSE, export_problems
-
-    problems = export_problems(config, head)
-    if problems:
-        return "cannot be exported to a native transformers architecture: " + "; ".join(problems)
-    family = FAMILIES_BY_DENSE[config.text_config.model_type]
-    return (
-        f"can be exported exactly to the native `{family.model_type}` architecture "
-        f"(`hf-moe export MODEL_DIR OUT_DIR`), served by {', '.join(e.name for e in family.engines)}"
-    )
-
-
-def serving_limits(config, family, native) -> list[str]:
-    """What the engines do differently for these settings, and what the export leaves behind."""
-    limits = []
-    raw_gates = family.norm_topk_prob_field is not None and not config.norm_topk_prob
-    engines = {engine.name for engine in family.engines}
-    if family.model_type == "qwen3_moe" and raw_gates:
-        limits.append(
-            "llama.cpp always renormalises qwen3moe top-k gates: this raw-gate model (norm_topk_prob=False) "
-            "computes a different function there and gives other tokens, without a warning"
-        )
-    dense_layers = getattr(native, family.dense_layers_field, None) if family.dense_layers_field else None
-    if dense_layers and "llama.cpp" in engines:
-        limits.append(
-            f"llama.cpp cannot load dense/MoE layer mixes: layers {dense_layers} are dense "
-            "(upcycle with --moe-layers all for a llama.cpp-compatible model)"
-        )
-    if family.zero_tensors:
-        limits.append(
-            "the shared expert has size 0 (shared_expert_intermediate_size=0) so that it adds exactly nothing; "
-            "its empty tensors are not stored, so transformers reports them as newly initialised (they hold no "
-            "values)"
-        )
-    dropped = [
-        f"{name}={getattr(config, name)}"
-        for name in ("router_z_loss_coef", "expert_dropout", "capacity_factor", "router_jitter_noise")
-        if getattr(config, name, None) and name not in family.carried_fields
-    ]
-    if dropped:
-        limits.append(
-            f"training-only hf_moe settings have no native field and are not carried over ({', '.join(dropped)}); "
-            "native training is dropless. To fine-tune with them, `hf-moe import` this checkpoint"
-        )
-    limits.append(
-        "native routers compute their logits in the weights' dtype, hf_moe in float32: in bfloat16 or float16 "
-        "a near-tie between experts may be broken differently"
-    )
-    return limits
-
-
-def exported_model_card(config, family, native, model_name: str, origin: dict) -> str:
-    """The card of an exported native checkpoint (``card_templates/exported.md``)."""
+def exported_model_card(config, family, native, model_name: str, origin: dict, limits: list[str]) -> str:
+    """The card of an exported native checkpoint (``card_templates/exported.md``): the hf_moe
+    ``config`` it came from, its native family (`hf_moe.upcycling.native.NativeFamily`) and
+    ``native`` config, and what the engines compute differently (``limits``, from
+    `hf_moe.upcycling.native.serving_limits`)."""
     upcycling = getattr(config, "upcycling", None) or {}
     head_class = native.architectures[0]
     card_data = ModelCardData(
@@ -206,19 +156,21 @@ def exported_model_card(config, family, native, model_name: str, origin: dict) -
         moe_layers=", ".join(str(i) for i in config.moe_layers),
         dense_layers=", ".join(str(i) for i in dense_layers) or "none",
         engines=family.engines,
-        limits=serving_limits(config, family, native),
+        limits=limits,
         verification=getattr(native, "hf_moe_export", {}).get("verification"),
     )
 
 
-def imported_model_card(config, family, plan, model_name: str) -> str:
-    """The card of a native MoE checkpoint imported into hf_moe (``card_templates/imported.md``)."""
+def imported_model_card(config, family, model_class: type, model_name: str) -> str:
+    """The card of a native MoE checkpoint imported into hf_moe (``card_templates/imported.md``):
+    its hf_moe ``config`` (with the ``imported`` record), the native family it came from and the
+    class it loads as."""
     imported = config.imported
     card_data = ModelCardData(
         base_model=imported["source"] if imported.get("revision") else None,
         library_name="transformers",
         tags=["moe", config.model_type, "hf_moe"],
-        pipeline_tag="text-generation" if plan.moe_class.__name__.endswith("ForCausalLM") else None,
+        pipeline_tag="text-generation" if model_class.__name__.endswith("ForCausalLM") else None,
     )
     return render_model_card(
         "imported",
@@ -228,8 +180,8 @@ def imported_model_card(config, family, plan, model_name: str) -> str:
         revision=imported.get("revision"),
         native_model_type=family.model_type,
         dense_model_type=config.text_config.model_type,
-        model_class=plan.moe_class.__name__,
-        auto_class=plan.moe_class.dense_auto_class.__name__,
+        model_class=model_class.__name__,
+        auto_class=model_class.dense_auto_class.__name__,
         num_experts=config.num_experts,
         top_k=config.num_experts_per_tok,
         norm_topk_prob=config.norm_topk_prob,

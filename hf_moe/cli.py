@@ -19,8 +19,9 @@ import warnings
 
 from transformers.utils import CONFIG_NAME
 
+from .checkpoints.units import DTYPES
 from .upcycling import EXPERT_INITS, ROUTINGS, upcycle_checkpoint
-from .upcycling.convert import DTYPES, FORMATS
+from .upcycling.convert import FORMATS
 from .upcycling.export import export_checkpoint, import_checkpoint
 from .upcycling.native import FAMILIES_BY_NATIVE, supported_mappings
 from .upcycling.plan import plan_upcycling

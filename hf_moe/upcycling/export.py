@@ -9,8 +9,6 @@ bit for bit with its source, and, when both models fit in memory, their logits o
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import psutil
@@ -19,18 +17,12 @@ from transformers import AutoConfig
 from transformers.utils import CONFIG_NAME
 
 from ..cards import exported_model_card, imported_model_card
+from ..checkpoints.sources import copy_data_files, resolve_paths, write_metadata
+from ..checkpoints.staging import check_disk_space, staged_output
+from ..checkpoints.streaming import CheckpointReader, OutputTensor, write_sharded_safetensors
+from ..checkpoints.units import parse_size
 from ..modeling import SwitchMoeConfig
 from ..modeling.configuration_moe import HF_MOE_VERSION
-from .convert import (
-    _check_disk_space,
-    _parse_size,
-    _write_metadata,
-    copy_data_files,
-    load_dense_config,
-    resolve_paths,
-    staged_output,
-    staging_prefix,
-)
 from .native import (
     FAMILIES_BY_DENSE,
     FAMILIES_BY_NATIVE,
@@ -39,10 +31,9 @@ from .native import (
     imported_settings,
     native_config,
     optional_native_tensors,
+    serving_limits,
     tensor_rules,
 )
-from .settings import UpcyclingSettings
-from .streaming import DenseCheckpoint, OutputTensor, write_sharded_safetensors
 from .verify import TOLERANCE, VERIFY_SEQ_LEN, VerificationError, relative_deviation
 from .weights import check_floating, check_layer_count, head_of, plan_conversion
 
@@ -78,10 +69,10 @@ def export_checkpoint(
     Returns:
         The output directory.
     """
-    shard_bytes = _parse_size(max_shard_size)
+    shard_bytes = parse_size(max_shard_size)
     folder, origin, output_dir = resolve_paths(source, output_dir, overwrite, revision)
     config = _load_config(folder, HF_MOE_TYPES, "an hf_moe checkpoint (switch_moe or expert_choice_moe)")
-    return _export(folder, origin, config, output_dir, shard_bytes, verify, overwrite, progress)
+    return export_folder(folder, origin, config, output_dir, shard_bytes, verify, overwrite, progress)
 
 
 def import_checkpoint(
@@ -103,7 +94,7 @@ def import_checkpoint(
     refused with a ValueError before anything is written. Arguments as in `export_checkpoint`;
     the report is stored under ``imported.verification`` in config.json.
     """
-    shard_bytes = _parse_size(max_shard_size)
+    shard_bytes = parse_size(max_shard_size)
     folder, origin, output_dir = resolve_paths(source, output_dir, overwrite, revision)
     native = _load_config(folder, tuple(FAMILIES_BY_NATIVE), "a native MoE checkpoint")
     family = FAMILIES_BY_NATIVE[native.model_type]
@@ -118,7 +109,7 @@ def import_checkpoint(
     config = SwitchMoeConfig(text_config=text_config, **moe_fields)
     config.dtype = native.dtype
     config.imported = {**origin, "model_type": family.model_type, "hf_moe_version": HF_MOE_VERSION}
-    with DenseCheckpoint(folder) as checkpoint:
+    with CheckpointReader(folder) as checkpoint:
         check_layer_count(text_config, checkpoint.keys(), folder)
         plan = plan_conversion(config, head)
         rules, zeros = tensor_rules(family, plan)
@@ -139,7 +130,7 @@ def import_checkpoint(
         check_floating(native_dtypes, checkpoint.dtype, {name: name for name in expected}, family.model_type)
         outputs = [OutputTensor(rule.name, checkpoint.dtype(rule.native_names[0]), shapes[rule.name]) for rule in rules]
         weight_bytes = sum(out.nbytes for out in outputs)
-        _check_disk_space(output_dir, weight_bytes)
+        check_disk_space(output_dir, weight_bytes)
         by_name = {rule.name: rule for rule in rules}
 
         def produce(out: OutputTensor):
@@ -148,9 +139,9 @@ def import_checkpoint(
 
         with staged_output(output_dir, overwrite, weight_bytes) as staging:
             write_sharded_safetensors(staging, outputs, produce, shard_bytes, progress)
-            _write_metadata(staging, plan, folder)
+            write_metadata(staging, plan.meta_moe, plan.config, folder)
             if verify:
-                with DenseCheckpoint(staging) as written:
+                with CheckpointReader(staging) as written:
                     pairs = [
                         (
                             lambda r=rule, j=j: written.read(r.name, j if r.stacked else None),
@@ -162,52 +153,11 @@ def import_checkpoint(
                     report = _verify(plan, pairs, reference=folder, candidate=staging)
                 config.imported["verification"] = report
                 config.save_pretrained(staging)
-            (staging / "README.md").write_text(imported_model_card(config, family, plan, output_dir.name))
+            (staging / "README.md").write_text(imported_model_card(config, family, plan.moe_class, output_dir.name))
     return output_dir
 
 
-def upcycle_to_native(
-    source,
-    output_dir,
-    *,
-    overwrite: bool,
-    revision,
-    verify: bool,
-    max_shard_size,
-    progress,
-    allow_tokenizer_remote_code: bool,
-    **options,
-):
-    """``upcycle_checkpoint(..., format="native")``: check that the settings are exportable, upcycle
-    into a hidden temporary folder (with the upcycler's own verification), then export from it."""
-    dtype = options.pop("dtype", None)
-    settings_options = {k: options.pop(k) for k in list(options) if k in UpcyclingSettings.__dataclass_fields__}
-    settings = UpcyclingSettings(**settings_options, config_overrides=options)
-    shard_bytes = _parse_size(max_shard_size)
-    folder, origin, output_dir = resolve_paths(source, output_dir, overwrite, revision)
-    text_config = load_dense_config(folder)
-    head = head_of((text_config.architectures or ["ForCausalLM"])[0])
-    problems = export_problems(settings.build_config(text_config), head, flags=True)
-    if problems:
-        raise ValueError("--format native cannot write these settings natively:\n  - " + "\n  - ".join(problems))
-    _check_disk_space(output_dir, 0)  # an unwritable OUTPUT_DIR is named before the temporary folder is made
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=staging_prefix(output_dir, "unfinished"), dir=output_dir.parent))
-    try:
-        from .convert import upcycle_checkpoint
-
-        moe_dir = upcycle_checkpoint(
-            folder, work / "moe", verify=verify, progress=progress, max_shard_size=max_shard_size, dtype=dtype,
-            allow_tokenizer_remote_code=allow_tokenizer_remote_code, **settings_options, **options,
-        )  # fmt: skip
-        config = AutoConfig.from_pretrained(moe_dir)
-        config.upcycling["source"], config.upcycling["revision"] = origin["source"], origin["revision"]
-        return _export(moe_dir, origin, config, output_dir, shard_bytes, verify, overwrite, progress)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _export(
+def export_folder(
     folder: Path, origin: dict, config, output_dir: Path, shard_bytes: int, verify, overwrite, progress
 ) -> Path:
     head = head_of(config.architectures[0])
@@ -219,7 +169,7 @@ def _export(
     family = FAMILIES_BY_DENSE[config.text_config.model_type]
     native = native_config(family, config, head)
 
-    with DenseCheckpoint(folder) as checkpoint:
+    with CheckpointReader(folder) as checkpoint:
         check_layer_count(config.text_config, checkpoint.keys(), folder)
         plan = plan_conversion(config, head)
         rules, zeros = tensor_rules(family, plan)
@@ -242,7 +192,7 @@ def _export(
         router_dtype = next(out.dtype for out in outputs if out.name.endswith(".gate.weight"))
         outputs += [OutputTensor(name, router_dtype, shape) for name, shape in zeros]
         weight_bytes = sum(out.nbytes for out in outputs)
-        _check_disk_space(output_dir, weight_bytes)
+        check_disk_space(output_dir, weight_bytes)
 
         def read_source(native_name: str) -> torch.Tensor:
             name, row = sources[native_name]
@@ -259,11 +209,12 @@ def _export(
             native.save_pretrained(staging)
             copy_data_files(folder, staging)
             if verify:
-                with DenseCheckpoint(staging) as written:
+                with CheckpointReader(staging) as written:
                     pairs = [(lambda n=n: written.read(n), lambda n=n: read_source(n)) for n in sources]
                     native.hf_moe_export["verification"] = _verify(plan, pairs, reference=folder, candidate=staging)
                 native.save_pretrained(staging)
-            card = exported_model_card(config, family, native, output_dir.name, origin)
+            limits = serving_limits(config, family, native)
+            card = exported_model_card(config, family, native, output_dir.name, origin, limits)
             (staging / "README.md").write_text(card)
     return output_dir
 

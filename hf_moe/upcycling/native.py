@@ -1,8 +1,9 @@
 """Native transformers MoE families an hf_moe checkpoint can be exported to (and imported from).
 
 One `NativeFamily` per target architecture, as data: which dense backbones map to it, the
-module and tensor names of its MoE block, and its config fields. `export_problems` says why a
-model cannot be exported; `tensor_rules` maps every hf_moe tensor to its native name(s). Export
+module and tensor names of its MoE block, its config fields, and what each serving engine does
+with it. `export_problems` says why a model cannot be exported; `serving_limits` what an export
+computes differently in the engines; `tensor_rules` maps every hf_moe tensor to its native name(s). Export
 and import (`hf_moe.upcycling.export`) both read these tables, in opposite directions.
 
 The mappings are exact (same function, bit-identical tensors): the native families route like
@@ -30,6 +31,9 @@ class Engine:
     name: str
     architecture: str  # the engine's own name for it
     checked: str  # what was measured here, or "" when only the engine's documentation says so
+    # What the engine computes instead for raw top-k gates (norm_topk_prob=False), or "" when it honours them.
+    raw_gates: str = ""
+    loads_layer_mix: bool = True  # whether it loads a model whose dense layers sit between MoE layers
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,11 @@ FAMILIES = (
                 "qwen3moe",
                 "llama-cpp-python 0.3.36, f32 GGUF, every layer MoE: greedy tokens equal with renormalised top-k, "
                 "different with raw gates",
+                raw_gates=(
+                    "always renormalises qwen3moe top-k gates: this raw-gate model (norm_topk_prob=False) "
+                    "computes a different function there and gives other tokens, without a warning"
+                ),
+                loads_layer_mix=False,
             ),
         ),
     ),
@@ -127,6 +136,7 @@ FAMILIES = (
                 "llama.cpp",
                 "llama (with experts)",
                 "llama-cpp-python 0.3.36, f32 GGUF: greedy tokens equal, log-probs within 6e-3",
+                loads_layer_mix=False,
             ),
         ),
     ),
@@ -261,6 +271,55 @@ def export_problems(config, head: int, flags: bool = False) -> list[str]:
                 f"{family.model_type} has no {field}={actual!r} (the {dense_type} config must have {value})"
             )
     return problems
+
+
+def export_status(config, head: int) -> str:
+    """Whether an hf_moe model can be exported to a native architecture (the upcycled card's line)."""
+    problems = export_problems(config, head)
+    if problems:
+        return "cannot be exported to a native transformers architecture: " + "; ".join(problems)
+    family = FAMILIES_BY_DENSE[config.text_config.model_type]
+    return (
+        f"can be exported exactly to the native `{family.model_type}` architecture "
+        f"(`hf-moe export MODEL_DIR OUT_DIR`), served by {', '.join(e.name for e in family.engines)}"
+    )
+
+
+def serving_limits(config, family: NativeFamily, native) -> list[str]:
+    """What the engines do differently for these settings, and what the export leaves behind."""
+    limits = []
+    raw_gates = family.norm_topk_prob_field is not None and not config.norm_topk_prob
+    if raw_gates:
+        limits += [f"{engine.name} {engine.raw_gates}" for engine in family.engines if engine.raw_gates]
+    dense_layers = getattr(native, family.dense_layers_field, None) if family.dense_layers_field else None
+    if dense_layers:
+        limits += [
+            f"{engine.name} cannot load dense/MoE layer mixes: layers {dense_layers} are dense "
+            f"(upcycle with --moe-layers all for a {engine.name}-compatible model)"
+            for engine in family.engines
+            if not engine.loads_layer_mix
+        ]
+    if family.zero_tensors:
+        limits.append(
+            "the shared expert has size 0 (shared_expert_intermediate_size=0) so that it adds exactly nothing; "
+            "its empty tensors are not stored, so transformers reports them as newly initialised (they hold no "
+            "values)"
+        )
+    dropped = [
+        f"{name}={getattr(config, name)}"
+        for name in ("router_z_loss_coef", "expert_dropout", "capacity_factor", "router_jitter_noise")
+        if getattr(config, name, None) and name not in family.carried_fields
+    ]
+    if dropped:
+        limits.append(
+            f"training-only hf_moe settings have no native field and are not carried over ({', '.join(dropped)}); "
+            "native training is dropless. To fine-tune with them, `hf-moe import` this checkpoint"
+        )
+    limits.append(
+        "native routers compute their logits in the weights' dtype, hf_moe in float32: in bfloat16 or float16 "
+        "a near-tie between experts may be broken differently"
+    )
+    return limits
 
 
 def native_config(family: NativeFamily, config, head: int):

@@ -21,11 +21,12 @@ import psutil
 import torch
 from transformers import AutoConfig, PreTrainedConfig
 
+from ..checkpoints.streaming import OutputTensor, assign_shards, header_bytes, tensor_nbytes
+from ..checkpoints.units import DTYPES, format_bytes, parse_dtype, parse_size
 from ..modeling.experts import GroupedLinear
-from .convert import DTYPES, FORMATS, _parse_dtype, _parse_size, format_bytes, load_dense_config
+from .convert import FORMATS, load_dense_config
 from .native import FAMILIES_BY_DENSE, export_problems, tensor_rules
 from .settings import DEFAULT_NOISE_STD, UpcyclingSettings
-from .streaming import OutputTensor, _header_bytes, assign_shards, tensor_nbytes
 from .weights import (
     BACKBONE_PREFIX,
     ConversionPlan,
@@ -226,8 +227,8 @@ def plan_upcycling(
     if problems:
         raise ValueError("Invalid training layout:\n  - " + "\n  - ".join(problems))
     param_dtype = _train_dtype(train_dtype)
-    target_dtype = _parse_dtype(dtype)
-    shard_bytes = _parse_size(max_shard_size)
+    target_dtype = parse_dtype(dtype)
+    shard_bytes = parse_size(max_shard_size)
     settings = UpcyclingSettings(
         routing=routing,
         num_experts=num_experts,
@@ -260,7 +261,7 @@ def plan_upcycling(
         name = str(out.dtype).removeprefix("torch.")
         by_dtype[name] = by_dtype.get(name, 0) + out.nbytes
     shards = assign_shards(outputs, shard_bytes)
-    file_bytes = sum(len(_header_bytes(shard)) + sum(t.nbytes for t in shard) for shard in shards)
+    file_bytes = sum(len(header_bytes(shard)) + sum(t.nbytes for t in shard) for shard in shards)
 
     available = psutil.virtual_memory().available if available_memory is None else available_memory
     fits = 2 * FLOAT32 * total <= available // 2  # verify.verify_conversion and export._verify decide so

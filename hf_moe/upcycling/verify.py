@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from .streaming import DenseCheckpoint
+from ..checkpoints.streaming import CheckpointReader
 from .weights import BACKBONE_PREFIX, ConversionPlan, resolve_dtype
 
 TOLERANCE = 1e-5
@@ -125,7 +125,7 @@ def verify_conversion(
         tensor = read_dense(name)
         return tensor.to(resolve_dtype(tensor.dtype, target_dtype))
 
-    with DenseCheckpoint(output_dir) as written:
+    with CheckpointReader(output_dir) as written:
         for layer, block_name in plan.feed_forward_blocks.items():
             prefix = f"{block_name}."
             dense_mlp = _materialise(

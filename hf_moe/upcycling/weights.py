@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import torch
 from transformers import CONFIG_MAPPING, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from ..checkpoints.streaming import OutputTensor
 from ..modeling import ARCHITECTURES, find_feed_forward_blocks
 from ..modeling.experts import GroupedLinear
 from .native import FAMILIES_BY_NATIVE, is_moe_model_type
 from .settings import UpcyclingSettings
-from .streaming import OutputTensor
 
 # Backbones the test-suite converts; any decoder whose feed-forward block `find_feed_forward_blocks`
 # finds and whose MLP is built from linear layers works the same way.

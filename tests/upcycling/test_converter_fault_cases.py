@@ -24,7 +24,8 @@ from test_native import save_native
 from tiny_models import leftovers, tiny_config, tiny_dense
 from transformers import AutoModelForCausalLM
 
-import hf_moe.upcycling.convert as convert
+import hf_moe.checkpoints.sources as sources
+import hf_moe.checkpoints.staging as staging
 from hf_moe import (
     ExpertChoiceMoeConfig,
     SwitchMoeConfig,
@@ -103,7 +104,7 @@ def test_failed_swap_into_an_empty_output_dir_restores_the_previous_output(sourc
             raise OSError(5, "Input/output error")
         rename(src, dst)
 
-    monkeypatch.setattr(convert, "os", test_faults._Namespace(os, rename=failing_rename))
+    monkeypatch.setattr(staging, "os", test_faults._Namespace(os, rename=failing_rename))
     with pytest.raises(OSError, match="Input/output error"):
         upcycle_checkpoint(source, output, overwrite=True, seed=1, **OPTIONS)
     assert (output / "model.safetensors").read_bytes() == previous
@@ -154,7 +155,7 @@ def test_hub_cache_snapshots_link_into_their_own_blobs(source, tmp_path, monkeyp
     (snapshot / "vocab.txt").symlink_to(other / "chat_template.jinja")  # another repo's blob: not this source
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(convert, "snapshot_download", _offline_snapshot_download(cache))
+    monkeypatch.setattr(sources, "snapshot_download", _offline_snapshot_download(cache))
     for given in (snapshot, "org/name"):  # the snapshot folder, or the Hub id through the cache
         output = upcycle_checkpoint(given, tmp_path / "out", overwrite=True, **OPTIONS)
         assert (output / "tokenizer_config.json").read_text() == json.dumps({"model_max_length": 64})

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import TINY_CONFIGS, leftovers, tiny_config, tiny_dense
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
 
+import hf_moe.checkpoints.staging as staging
 import hf_moe.upcycling.convert as convert
 import hf_moe.upcycling.weights as weights
 from hf_moe import upcycle_checkpoint, upcycle_model
@@ -186,7 +187,7 @@ def test_missing_and_unexpected_tensors(llama, tmp_path):
 
 
 def test_no_disk_space_before_writing(llama, tmp_path, monkeypatch):
-    monkeypatch.setattr(convert.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
+    monkeypatch.setattr(staging.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
     convert_fails(
         llama, tmp_path / "out", OSError, r"No disk space: the MoE checkpoint needs 173\.4 kB but only 1\.0 kB are free"
     )

@@ -25,6 +25,7 @@ from tiny_models import VOCAB, leftovers
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 
+import hf_moe.checkpoints.staging as staging_files
 import hf_moe.upcycling.convert as convert
 from hf_moe import upcycle_checkpoint
 from hf_moe.cli import main
@@ -81,7 +82,7 @@ def _pause_at(point: str, ready) -> None:
             if ".hf-moe-upcycle-replaced." in str(dst):
                 pause()
 
-        convert.os = _Namespace(os, rename=paused_rename)
+        staging_files.os = _Namespace(os, rename=paused_rename)
     elif point == "published":  # --overwrite: the new output is in place, the previous one not yet removed
         rename = os.rename
 
@@ -90,7 +91,7 @@ def _pause_at(point: str, ready) -> None:
             if ".hf-moe-upcycle-unfinished." in str(src):
                 pause()
 
-        convert.os = _Namespace(os, rename=paused_rename)
+        staging_files.os = _Namespace(os, rename=paused_rename)
 
 
 class _Namespace:
@@ -160,7 +161,7 @@ def test_sigkill_leftovers_are_named_and_removed_by_the_next_run(point, source, 
     status = run_and_signal(point, signal.SIGKILL, upcycle_argv(source, tmp_path / "out", "--verify"))
     assert status == -signal.SIGKILL
     (staging,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
-    assert staging.name.startswith(f".out.hf-moe-upcycle-unfinished.{convert.HOST}.")
+    assert staging.name.startswith(f".out.hf-moe-upcycle-unfinished.{staging_files.HOST}.")
     assert not (tmp_path / "out").exists()
 
     upcycle_checkpoint(source, tmp_path / "out", **OPTIONS)
@@ -182,7 +183,7 @@ def test_sigkill_between_the_renames_of_overwrite_loses_nothing(source, tmp_path
 
 
 def test_a_live_conversion_is_reported_with_the_command_to_remove_its_folder(source, tmp_path):
-    staging = tmp_path / f".out.hf-moe-upcycle-unfinished.{convert.HOST}.{os.getppid()}.abc"
+    staging = tmp_path / f".out.hf-moe-upcycle-unfinished.{staging_files.HOST}.{os.getppid()}.abc"
     staging.mkdir()
     with pytest.raises(FileExistsError, match=rf"\(pid {os.getppid()}\) is running or was interrupted.*rm -rf "):
         upcycle_checkpoint(source, tmp_path / "out", **OPTIONS)
@@ -282,7 +283,7 @@ def test_output_linking_to_the_source_is_refused_and_the_source_kept(source, tmp
 
 @pytest.mark.parametrize("target", ["empty", "missing"])
 def test_output_linking_to_an_empty_or_missing_folder_is_refused_up_front(target, source, tmp_path, monkeypatch):
-    monkeypatch.setattr(convert, "DenseCheckpoint", None)  # fails loudly if the conversion starts
+    monkeypatch.setattr(convert, "CheckpointReader", None)  # fails loudly if the conversion starts
     if target == "empty":
         (tmp_path / target).mkdir()
     (tmp_path / "out").symlink_to(tmp_path / target)

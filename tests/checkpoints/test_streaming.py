@@ -5,7 +5,7 @@ import json
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_moe.upcycling.streaming import DenseCheckpoint, OutputTensor, SafetensorsFile, write_sharded_safetensors
+from hf_moe.checkpoints.streaming import CheckpointReader, OutputTensor, SafetensorsFile, write_sharded_safetensors
 
 TENSORS = {
     "a.weight": torch.randn(4, 3, 5),
@@ -34,7 +34,7 @@ def test_sharded_writer_output_reads_back_with_safetensors(tmp_path):
     assert set(loaded) == set(TENSORS) == set(index["weight_map"])
     for name, tensor in TENSORS.items():
         assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
-    with DenseCheckpoint(tmp_path) as checkpoint:
+    with CheckpointReader(tmp_path) as checkpoint:
         assert all(torch.equal(checkpoint.read(name), tensor) for name, tensor in TENSORS.items())
 
 
@@ -52,10 +52,10 @@ def test_read_one_row_of_a_stacked_tensor(tmp_path):
     stacked = torch.randn(4, 3, 5)
     save_file({"experts": stacked, "empty": torch.zeros(2, 0)}, tmp_path / "model.safetensors")
     torch.save({"experts": stacked}, tmp_path / "other.bin")
-    with DenseCheckpoint(tmp_path) as checkpoint:
+    with CheckpointReader(tmp_path) as checkpoint:
         assert all(torch.equal(checkpoint.read("experts", row), stacked[row]) for row in range(4))
         assert checkpoint.read("empty", 1).shape == (0,)
     (tmp_path / "model.safetensors").unlink()
     (tmp_path / "other.bin").rename(tmp_path / "pytorch_model.bin")
-    with DenseCheckpoint(tmp_path) as checkpoint:
+    with CheckpointReader(tmp_path) as checkpoint:
         assert torch.equal(checkpoint.read("experts", 2), stacked[2])

@@ -1,6 +1,6 @@
 """Lazy checkpoint reading and streamed, sharded safetensors writing.
 
-The converter never holds a whole model: `DenseCheckpoint` reads one tensor at a time with plain
+The converter never holds a whole model: `CheckpointReader` reads one tensor at a time with plain
 file reads (no mmap, whose touched pages would count towards the process' resident memory and
 grow with the checkpoint), and `write_sharded_safetensors` writes each shard's header first and
 then the tensors' bytes chunk by chunk, so a stacked expert tensor is never materialised either.
@@ -156,8 +156,8 @@ class SafetensorsFile:
             self._file = None
 
 
-class DenseCheckpoint:
-    """The weights of a dense checkpoint directory, read one tensor at a time.
+class CheckpointReader:
+    """The weights of a transformers checkpoint directory, read one tensor at a time.
 
     Accepts, in this order: a sharded safetensors checkpoint (``model.safetensors.index.json``),
     a single ``model.safetensors``, then ``pytorch_model.bin`` (sharded or not), which is only
@@ -289,7 +289,7 @@ def assign_shards(tensors: list[OutputTensor], max_shard_size: int) -> list[list
     return shards
 
 
-def _header_bytes(shard: list[OutputTensor]) -> bytes:
+def header_bytes(shard: list[OutputTensor]) -> bytes:
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for tensor in shard:
@@ -327,7 +327,7 @@ def write_sharded_safetensors(
     with tqdm(total=total, unit="B", unit_scale=True, desc="Writing MoE tensors", disable=not progress or None) as bar:
         for file_name, shard in zip(names, shards, strict=True):
             with open(folder / file_name, "wb") as f:
-                f.write(_header_bytes(shard))
+                f.write(header_bytes(shard))
                 for tensor in shard:
                     written = 0
                     for chunk in produce(tensor):
