@@ -235,9 +235,23 @@ def run_upcycle(args: argparse.Namespace) -> int:
     overrides = {field: getattr(args, field) for _, field, _, _ in CONFIG_FLAGS if hasattr(args, field)}
     if args.norm_topk_prob is not None:
         overrides["norm_topk_prob"] = args.norm_topk_prob
-    options = {"noise_std": args.noise_std, "drop_ratio": args.drop_ratio}
+    # The options the conversion and its plan share.
+    options = dict(
+        routing=args.routing,
+        num_experts=args.num_experts,
+        moe_layers=args.moe_layers,
+        expert_init=args.expert_init,
+        seed=args.seed,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        verify=args.verify,
+        format=args.format,
+        revision=args.revision,
+        **{k: v for k, v in (("noise_std", args.noise_std), ("drop_ratio", args.drop_ratio)) if v is not None},
+        **overrides,
+    )
     if args.plan:
-        return _print_plan(args, {**{k: v for k, v in options.items() if v is not None}, **overrides})
+        return _print_plan(args, options)
     for flag, value in (("--ep-size", args.ep_size), ("--fsdp-size", args.fsdp_size)):
         if value is not None:
             raise ValueError(f"{flag} applies to --plan only, got {flag} {value} without --plan")
@@ -246,21 +260,10 @@ def run_upcycle(args: argparse.Namespace) -> int:
         output = upcycle_checkpoint(
             args.source,
             args.output_dir,
-            routing=args.routing,
-            num_experts=args.num_experts,
-            moe_layers=args.moe_layers,
-            expert_init=args.expert_init,
-            seed=args.seed,
-            dtype=args.dtype,
-            max_shard_size=args.max_shard_size,
-            verify=args.verify,
             overwrite=args.overwrite,
-            revision=args.revision,
             progress=args.progress,
             allow_tokenizer_remote_code=args.allow_tokenizer_remote_code,
-            format=args.format,
-            **{k: v for k, v in options.items() if v is not None},
-            **overrides,
+            **options,
         )
     for warning in caught:
         if issubclass(warning.category, UpcyclingWarning):
@@ -282,16 +285,6 @@ def _print_plan(args: argparse.Namespace, options: dict) -> int:
         warnings.simplefilter("ignore", UpcyclingWarning)  # the conversion itself reports them
         plan = plan_upcycling(
             args.source,
-            routing=args.routing,
-            num_experts=args.num_experts,
-            moe_layers=args.moe_layers,
-            expert_init=args.expert_init,
-            seed=args.seed,
-            dtype=args.dtype,
-            max_shard_size=args.max_shard_size,
-            verify=args.verify,
-            format=args.format,
-            revision=args.revision,
             ep_size=1 if args.ep_size is None else args.ep_size,
             fsdp_size=1 if args.fsdp_size is None else args.fsdp_size,
             **options,
