@@ -16,7 +16,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from .optional_dependencies import import_train_module, require_train_extra
+from .optional_dependencies import require_train_extra
+from .plotting import pyplot
 
 COMPARISON_TABLE = "comparison.md"
 COMPARISON_PLOT = "loss_curves.png"
@@ -180,9 +181,7 @@ def comparison_table(runs: list[Run]) -> str:
 
 def plot_runs(runs: list[Run], path: Path) -> Path:
     """Training and evaluation task loss of every run against the optimizer step, one colour a run."""
-    matplotlib = import_train_module("matplotlib", "hf-moe compare's plot")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("hf-moe compare's plot")
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     for index, run in enumerate(runs):

@@ -52,6 +52,7 @@ import finetune_clm  # noqa: E402
 from demo import collect_stdlib_sources, pack, train_tokenizer  # noqa: E402
 
 from hf_moe.compare import compare_runs, load_run, parameter_counts  # noqa: E402
+from hf_moe.plotting import pyplot  # noqa: E402
 
 REPORT = "README.md"
 FINISHED = "finetune_config.yaml"  # written last by a recipe run
@@ -466,10 +467,7 @@ def loss_spikes(run, key: str = "task_loss", ratio: float = 1.1) -> int:
 
 
 def plot(path: Path, title: str, xlabel: str, ylabel: str, series: dict, markers: bool = True) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the study's figures")
 
     figure, axes = plt.subplots(figsize=(6, 3.8))
     for index, (label, (points, style, *colour)) in enumerate(series.items()):
@@ -716,10 +714,7 @@ def section_overfitting(study: Study, seeds: list[int], lines: list[str], result
             + " |"
         )
     lines += ["", "![train and validation curves](overfitting_curves.png)", ""]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the study's figures")
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     for index, name in enumerate(names):

@@ -22,6 +22,7 @@ import time
 import torch
 from transformers import TrainerCallback
 
+from ..plotting import pyplot
 from .routing_health import load_balance, plot_expert_load
 
 EXPERT_LOAD_PLOT = "expert_load.png"
@@ -216,10 +217,7 @@ class MoeCallback(TrainerCallback):
 
 def plot_loss_curves(log_history: list[dict], path: str) -> str:
     """Training task loss and every evaluated task loss against the optimizer step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the loss-curve plot")
 
     figure, axes = plt.subplots(figsize=(5, 3.2))
     series: dict[str, list[tuple[int, float]]] = {}

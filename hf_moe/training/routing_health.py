@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from ..plotting import pyplot
+
 
 def load_balance(load: torch.Tensor) -> float:
     """exp(entropy of the load) / experts, in [1/E, 1]."""
@@ -19,10 +21,7 @@ def load_balance(load: torch.Tensor) -> float:
 
 def plot_expert_load(summary: dict, path: str, title: str = "Expert load (fraction of tokens)") -> str:
     """Heat map of the per-layer expert load, written as a PNG at ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the expert-load plot")
 
     load = torch.tensor(summary["expert_load"])
     layers, experts = load.shape
