@@ -11,6 +11,7 @@ import jinja2
 from huggingface_hub import ModelCard, ModelCardData
 
 from .modeling.configuration_moe import HF_MOE_VERSION, MIN_TRANSFORMERS, TESTED_TRANSFORMERS
+from .modeling.registry import routing_method_of
 
 TEMPLATES = resources.files("hf_moe") / "card_templates"
 
@@ -65,19 +66,7 @@ def upcycled_model_card(
     and whether it can be exported (`hf_moe.upcycling.native.export_status`)."""
     upcycling = config.upcycling
     text_config = config.text_config
-    is_switch = config.model_type == "switch_moe"
-    if is_switch:
-        gates = "renormalised to sum 1" if config.norm_topk_prob else "raw softmax probability (Switch eq. 2)"
-        routing = f"token choice, top-{config.num_experts_per_tok} of {config.num_experts}, gates {gates}"
-        capacity = f"training capacity factor {config.capacity_factor}, evaluation " + (
-            "dropless" if config.eval_capacity_factor is None else f"capacity factor {config.eval_capacity_factor}"
-        )
-    else:
-        inference = config.inference_routing or model_class.default_inference_routing
-        routing = f"expert choice over {config.num_experts} experts, inference routing {inference!r}"
-        capacity = (
-            f"capacity factor {config.capacity_factor} (each expert takes round(c * seq_len / E) tokens of a sequence)"
-        )
+    routing, capacity = routing_method_of(config).card_summary(config, model_class)
     init = {
         "copy": "every expert is a copy of the dense MLP (sparse upcycling, Komatsuzaki et al. 2023)",
         "noise": (

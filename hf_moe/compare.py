@@ -16,6 +16,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from .modeling.registry import routing_method_of
 from .optional_dependencies import require_train_extra
 from .plotting import pyplot
 
@@ -130,12 +131,11 @@ def parameter_counts(run: Run) -> tuple[int, float] | None:
                 total += count
                 experts += count if ".experts." in name else 0
     config = run.config
-    if config.get("model_type") == "switch_moe":
-        share = config["num_experts_per_tok"] / config["num_experts"]
-    elif config.get("model_type") == "expert_choice_moe":
-        share = min(config["capacity_factor"], config["num_experts"]) / config["num_experts"]
-    else:
-        share = 1.0
+    method = routing_method_of(config)
+    share = 1.0
+    if method is not None:
+        fields = method.config_class.from_dict(config)  # validated, with the defaults of absent fields
+        share = method.experts_per_token(fields) / fields.num_experts
     return total, total - experts + share * experts
 
 

@@ -1,58 +1,52 @@
-"""The two MoE architectures; importing this registers them with transformers' Auto classes."""
+"""The hf_moe architectures, one module per routing method; importing this registers them by routing
+name (`registry`) and with transformers' Auto classes."""
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-)
-
-from .configuration_moe import ExpertChoiceMoeConfig, SwitchMoeConfig
-from .modeling_moe import (
+from .configuration_moe import MoeConfig
+from .expert_choice import (
+    ExpertChoiceMoeConfig,
     ExpertChoiceMoeForCausalLM,
     ExpertChoiceMoeForSequenceClassification,
     ExpertChoiceMoeModel,
-    MoeBlock,
-    MoeModelOutput,
+    ExpertChoiceRouting,
+)
+from .modeling_moe import MoeBlock, MoeGenerationMixin, MoeModelOutput, MoePreTrainedModel, find_feed_forward_blocks
+from .registry import register_routing, routing_method, routing_method_of, routing_names
+from .routing import Assignments, Router, RoutingMethod, RoutingRecord, router_logits_fp32
+from .switch import (
+    SwitchMoeConfig,
     SwitchMoeForCausalLM,
     SwitchMoeForSequenceClassification,
     SwitchMoeModel,
-    find_feed_forward_blocks,
+    SwitchRouting,
 )
 
-ARCHITECTURES = {
-    SwitchMoeConfig: (SwitchMoeModel, SwitchMoeForCausalLM, SwitchMoeForSequenceClassification),
-    ExpertChoiceMoeConfig: (ExpertChoiceMoeModel, ExpertChoiceMoeForCausalLM, ExpertChoiceMoeForSequenceClassification),
-}
-
-
-def register() -> None:
-    """Register both architectures with the Auto classes (idempotent), and mark them to save
-    their code and ``auto_map`` with checkpoints for ``trust_remote_code`` loading."""
-    for config_class, (base, causal_lm, classifier) in ARCHITECTURES.items():
-        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-        config_class.register_for_auto_class()
-        for auto_class, model_class in (
-            (AutoModel, base),
-            (AutoModelForCausalLM, causal_lm),
-            (AutoModelForSequenceClassification, classifier),
-        ):
-            auto_class.register(config_class, model_class, exist_ok=True)
-            model_class.register_for_auto_class(auto_class.__name__)
-
-
-register()
+register_routing(SwitchRouting)
+register_routing(ExpertChoiceRouting)
 
 __all__ = [
+    "Assignments",
     "ExpertChoiceMoeConfig",
     "ExpertChoiceMoeForCausalLM",
     "ExpertChoiceMoeForSequenceClassification",
     "ExpertChoiceMoeModel",
+    "ExpertChoiceRouting",
     "MoeBlock",
+    "MoeConfig",
+    "MoeGenerationMixin",
     "MoeModelOutput",
+    "MoePreTrainedModel",
+    "Router",
+    "RoutingMethod",
+    "RoutingRecord",
     "SwitchMoeConfig",
     "SwitchMoeForCausalLM",
     "SwitchMoeForSequenceClassification",
     "SwitchMoeModel",
+    "SwitchRouting",
     "find_feed_forward_blocks",
+    "register_routing",
+    "router_logits_fp32",
+    "routing_method",
+    "routing_method_of",
+    "routing_names",
 ]

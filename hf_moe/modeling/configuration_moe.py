@@ -1,6 +1,7 @@
-"""Configurations of the two hf_moe architectures.
+"""What the configurations of every hf_moe architecture share (`MoeConfig`); each routing method's
+config subclasses it in that method's module (``switch.py``, ``expert_choice.py``).
 
-Both nest the dense decoder they transform as ``text_config`` (any decoder config transformers
+Every config nests the dense decoder they transform as ``text_config`` (any decoder config transformers
 knows) and list the layers whose feed-forward block becomes a sparse MoE block in ``moe_layers``.
 Defaults follow Fedus et al. 2021, "Switch Transformers" (eq. 2-4, Table 4) and Zoph et al. 2022,
 "ST-MoE" (eq. 5, §4).
@@ -36,7 +37,6 @@ from transformers.configuration_utils import SubConfigSpec  # noqa: E402
 MOE_LAYER_SHORTHANDS = ("all", "every_other", "last_half")
 # Label fields of a classifier: the nested decoder builds the head, pipelines read the outer config.
 LABEL_FIELDS = ("id2label", "label2id")
-INFERENCE_ROUTINGS = ("expert_choice", "threshold")
 BALANCE_SCOPES = ("micro_batch", "global_batch")
 
 
@@ -122,9 +122,9 @@ class MoeConfig(PreTrainedConfig):
                 problems.append("moe_layers must name at least one layer, got []")
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
             problems.append(f"num_experts must be an integer >= 1, got {self.num_experts!r}")
-        problems += _check_number("router_z_loss_coef", self.router_z_loss_coef, ">= 0", lambda v: v >= 0)
-        problems += _check_number("router_init_std", self.router_init_std, ">= 0", lambda v: v >= 0)
-        problems += _check_number("expert_dropout", self.expert_dropout, "in [0, 1)", lambda v: 0 <= v < 1)
+        problems += check_number("router_z_loss_coef", self.router_z_loss_coef, ">= 0", lambda v: v >= 0)
+        problems += check_number("router_init_std", self.router_init_std, ">= 0", lambda v: v >= 0)
+        problems += check_number("expert_dropout", self.expert_dropout, "in [0, 1)", lambda v: 0 <= v < 1)
         return problems
 
     def _finish(self, problems: list[str]) -> None:
@@ -133,7 +133,7 @@ class MoeConfig(PreTrainedConfig):
         self.moe_layers = resolve_moe_layers(self.moe_layers, self.text_config.num_hidden_layers)
 
 
-def _check_number(name: str, value, allowed: str, in_range, allow_none: bool = False) -> list[str]:
+def check_number(name: str, value, allowed: str, in_range, allow_none: bool = False) -> list[str]:
     """``name must be a finite number <allowed>, got <value>`` unless ``value`` is one (nan and inf
     fail every range comparison's intent: ``nan < 0`` is False)."""
     if value is None and allow_none:
@@ -144,98 +144,5 @@ def _check_number(name: str, value, allowed: str, in_range, allow_none: bool = F
     return []
 
 
-def _check_capacity(name: str, value, allow_none: bool) -> list[str]:
-    return _check_number(name, value, "> 0 or None (dropless)" if allow_none else "> 0", lambda v: v > 0, allow_none)
-
-
-class SwitchMoeConfig(MoeConfig):
-    r"""Token-choice MoE (Switch Transformer when ``num_experts_per_tok=1``; top-k otherwise).
-
-    Args:
-        text_config: the dense decoder to transform (config object or dict with ``model_type``).
-        num_experts: experts per MoE layer.
-        moe_layers: explicit layer indices, or ``"every_other"`` (odd layers), ``"all"``, ``"last_half"``;
-            stored resolved to indices.
-        num_experts_per_tok: k of top-k.
-        norm_topk_prob: ``False`` scales each expert output by its gate probability (Switch eq. 2);
-            ``True`` renormalises the k gates to sum 1 (Mixtral), which makes an upcycled model
-            compute exactly the dense function.
-        capacity_factor: training capacity factor; expert capacity per sequence is
-            ``ceil(capacity_factor * seq_len * k / num_experts)`` (Switch eq. 3). ``None`` = dropless.
-        eval_capacity_factor: the same for evaluation and generation; ``None`` (default) = dropless.
-        router_jitter_noise: multiplicative jitter epsilon on the router input, training only.
-        router_aux_loss_coef: load-balancing loss coefficient (Switch eq. 4, default 1e-2).
-        balance_scope: the tokens over which the load-balancing loss counts each expert's share f_i.
-            ``"micro_batch"`` (default): this process's batch. ``"global_batch"``: in training
-            forwards, the counts are summed over every process of the data-parallel group (Qiu et al.
-            2025, "Demons in the Detail", arXiv 2501.11873), so the loss, its value and its gradient,
-            equals that of one process on the concatenated batch; without torch.distributed it equals
-            ``"micro_batch"``. Micro-batches of one optimizer step (gradient accumulation) run one
-            after the other and are not pooled. The default stays ``"micro_batch"`` until a measured
-            comparison chooses.
-        router_z_loss_coef: router z-loss coefficient (ST-MoE eq. 5, default 1e-3).
-        expert_dropout: dropout on the experts' hidden activation, training only (Switch Table 4 uses 0.4).
-        router_init_std: std of the router's normal initialisation (T5X/flaxformer: 0.02).
-        output_router_logits: also return every MoE layer's router logits.
-    """
-
-    model_type = "switch_moe"
-
-    num_experts_per_tok: int = 1
-    norm_topk_prob: bool = False
-    capacity_factor: float | None = 1.25
-    eval_capacity_factor: float | None = None
-    router_jitter_noise: float = 0.0
-    router_aux_loss_coef: float = 1e-2
-    balance_scope: str = "micro_batch"
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        problems = self._moe_problems()
-        k = self.num_experts_per_tok
-        if not isinstance(k, int) or isinstance(self.num_experts, int) and not 1 <= k <= self.num_experts:
-            problems.append(f"num_experts_per_tok must be between 1 and num_experts ({self.num_experts}), got {k!r}")
-        if not isinstance(self.norm_topk_prob, bool):
-            problems.append(f"norm_topk_prob must be True or False, got {self.norm_topk_prob!r}")
-        problems += _check_capacity("capacity_factor", self.capacity_factor, allow_none=True)
-        problems += _check_capacity("eval_capacity_factor", self.eval_capacity_factor, allow_none=True)
-        problems += _check_number("router_jitter_noise", self.router_jitter_noise, "in [0, 1)", lambda v: 0 <= v < 1)
-        problems += _check_number("router_aux_loss_coef", self.router_aux_loss_coef, ">= 0", lambda v: v >= 0)
-        if self.balance_scope not in BALANCE_SCOPES:
-            problems.append(f"balance_scope must be one of {list(BALANCE_SCOPES)}, got {self.balance_scope!r}")
-        self._finish(problems)
-
-
-class ExpertChoiceMoeConfig(MoeConfig):
-    r"""Expert-choice MoE (Zhou et al. 2022): each expert takes its top-C tokens of a sequence.
-
-    Args:
-        text_config, num_experts, moe_layers, router_z_loss_coef, expert_dropout, router_init_std,
-        output_router_logits: as in [`SwitchMoeConfig`].
-        capacity_factor: c of the paper; each expert takes ``C = round(c * seq_len / num_experts)``
-            tokens of each sequence (default 2.0, Zhou et al. eq. 1).
-        inference_routing: routing outside training. ``"expert_choice"``: as in training (looks at the
-            whole sequence; exact for scoring whole sequences and classification, not causal).
-            ``"threshold"``: a token goes to every expert whose learned score threshold it passes
-            (causal and batch-invariant; for generation). ``None`` (default) picks ``"threshold"``
-            for causal LM and ``"expert_choice"`` for the base model and sequence classification.
-        threshold_ema_decay: decay of the running estimate of each expert's C-th largest score,
-            updated in every training step.
-    """
-
-    model_type = "expert_choice_moe"
-
-    capacity_factor: float = 2.0
-    inference_routing: str | None = None
-    threshold_ema_decay: float = 0.99
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        problems = self._moe_problems()
-        problems += _check_capacity("capacity_factor", self.capacity_factor, allow_none=False)
-        if self.inference_routing is not None and self.inference_routing not in INFERENCE_ROUTINGS:
-            problems.append(
-                f"inference_routing must be one of {list(INFERENCE_ROUTINGS)} or None, got {self.inference_routing!r}"
-            )
-        problems += _check_number("threshold_ema_decay", self.threshold_ema_decay, "in [0, 1)", lambda v: 0 <= v < 1)
-        self._finish(problems)
+def check_capacity(name: str, value, allow_none: bool) -> list[str]:
+    return check_number(name, value, "> 0 or None (dropless)" if allow_none else "> 0", lambda v: v > 0, allow_none)

@@ -1,6 +1,7 @@
-"""Switch and Expert-Choice MoE models: a dense transformers decoder with sparse MoE blocks.
+"""What every hf_moe model shares: a dense transformers decoder with sparse MoE blocks.
 
-Each model builds the dense model of its head from ``config.text_config`` with the matching Auto
+Each routing method's model classes (``switch.py``, ``expert_choice.py``) subclass
+`MoePreTrainedModel`, which builds the dense model of its head from ``config.text_config`` with the matching Auto
 class (attention, RoPE, norms, caches and generation stay the backbone's own code), then replaces
 the feed-forward block of every layer in ``config.moe_layers`` by a `MoeBlock`:
 
@@ -12,6 +13,7 @@ This folder is copied next to saved checkpoints for ``trust_remote_code``: relat
 and no ``isinstance`` against our own config classes (they are loaded twice).
 """
 
+import contextlib
 import dataclasses
 import functools
 import re
@@ -21,18 +23,11 @@ from dataclasses import dataclass
 import torch
 import transformers.initialization as init
 from torch import nn
-from transformers import (
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    GenerationMixin,
-    PreTrainedModel,
-)
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .configuration_moe import ExpertChoiceMoeConfig, SwitchMoeConfig
 from .experts import GroupedExperts, GroupedLinear, make_experts
-from .routing import ExpertChoiceRouter, RoutingRecord, TokenChoiceRouter
+from .routing import Router, RoutingMethod, RoutingRecord, router_z_loss
 
 LAYER_LIST_NAMES = ("layers", "h", "blocks")
 # Where a dense head keeps its decoder (its base_model_prefix): "model" for llama, mistral, qwen2/3,
@@ -81,11 +76,11 @@ class MoeBlock(nn.Module):
         super().__init__()
         self.router = router
         self.experts = experts
-        # Set by the model before each forward: (batch, seq) bool, False on padding. Kept (not
-        # cleared) so activation-checkpoint recomputation routes exactly as the forward did.
+        # An input, set by the model before each forward: (batch, seq) bool, False on padding. The
+        # backbone calls its feed-forward block with the hidden states only, so the mask cannot come
+        # as an argument; kept (not cleared) so activation-checkpoint recomputation routes exactly as
+        # the forward did. The routing itself leaves through the router's output (`record_routing`).
         self.token_mask: torch.Tensor | None = None
-        # The routing of the latest call, read by the model for losses and statistics.
-        self.last_routing: RoutingRecord | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
@@ -93,7 +88,6 @@ class MoeBlock(nn.Module):
         batch, seq_len, hidden_size = hidden.shape
         token_mask = self._token_mask(batch, seq_len, hidden.device)
         record = self.router(hidden, token_mask)
-        self.last_routing = record
         assigned = record.assignments
 
         # The experts take one row per kept pair, as a top-1 choice: any number of pairs per token
@@ -153,60 +147,29 @@ def moe_output_class(backbone_output_class: type) -> type:
     )
 
 
-def load_balancing_loss(
-    records: list[RoutingRecord], token_mask: torch.Tensor, num_experts: int, scope: str = "micro_batch"
-) -> torch.Tensor:
-    """Switch eq. 4-6: L_B = E * sum_i f_i * P_i over non-padding tokens, mean over MoE layers.
+@contextlib.contextmanager
+def record_routing(routers: list[nn.Module]):
+    """The `RoutingRecord` each router returns while the block is open, one per router (None if not called).
 
-    f_i is the fraction of the token-choice picks (all k per token, before capacity) that went to
-    expert i and P_i the mean router probability of expert i, so L_B = 1 at perfect balance for
-    every k (conventions that give k at balance multiply by k).
-
-    ``scope="global_batch"`` (Qiu et al. 2025, "Demons in the Detail", arXiv 2501.11873): the pick counts, the
-    token count and (for the value only) the probability sums are summed over the processes of
-    torch.distributed's default group before f_i and P_i are formed. With R processes, N tokens in
-    all and S^r_i this process's sum of p_i, the global loss is L = E sum_i f_i S_i / N with
-    S_i = sum_r S^r_i; its gradient with respect to this process's probabilities is E f_i / N
-    (f_i carries none). Data parallelism averages gradients over the R processes, so each process
-    returns the global value with the gradient of R * E sum_i f_i S^r_i / N: the average is then
-    the gradient of one process on the concatenated batch, whatever each process's token count.
-    Processes that hold copies of the same tokens (tensor parallelism) scale every sum alike, which
-    leaves both unchanged. Without an initialised process group (or with one process) this is the
-    micro-batch loss.
+    transformers records router logits the same way: forward hooks on the router modules, active only
+    during one forward (`OutputRecorder` in ``_can_record_outputs``). Its collector is a context variable
+    that each decorated forward replaces, so hooks inside the dense backbone (a `PreTrainedModel` with
+    its own ``capture_outputs``) would write to the backbone's collector, not ours; the hooks here are
+    added for one forward and removed after it instead. Neither the blocks nor the routers keep any
+    state, and activation-checkpoint recomputation in the backward pass (after the block has closed)
+    records nothing twice.
     """
-    # Masked sums rather than boolean indexing, which would read the token count back to the host.
-    picks, prob_sums = [], []
-    valid = token_mask.to(records[0].router_logits.dtype)  # (tokens,)
-    top_k = records[0].top_experts.shape[1]
-    valid_picks = valid.repeat_interleave(top_k)  # (tokens * k,)
-    for record in records:
-        probs = record.router_logits.softmax(dim=-1)  # (tokens, experts)
-        prob_sums.append((probs * valid[:, None]).sum(0))
-        picks.append(probs.new_zeros(num_experts).index_add_(0, record.top_experts.flatten(), valid_picks))
-    picks, prob_sums = torch.stack(picks), torch.stack(prob_sums)  # (layers, experts)
-    num_tokens = valid.sum()
-    processes = 1
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if scope == "global_batch" and distributed and torch.distributed.get_world_size() > 1:
-        processes = torch.distributed.get_world_size()
-        # One collective for every layer: (layers, experts) picks and probability sums, then the token count.
-        totals = torch.cat([picks.flatten(), prob_sums.detach().flatten(), num_tokens[None]])
-        torch.distributed.all_reduce(totals)
-        picks, total_prob_sums = totals[: picks.numel()].view_as(picks), totals[picks.numel() : -1].view_as(picks)
-        num_tokens = totals[-1]
-    num_tokens = num_tokens.clamp(min=1)
-    fractions = picks / (num_tokens * top_k)  # (layers, experts) f_i
-    local = num_experts * (fractions * (prob_sums * processes / num_tokens)).sum(-1)  # (layers,)
-    if processes == 1:
-        return local.mean()
-    value = num_experts * (fractions * (total_prob_sums / num_tokens)).sum(-1)
-    return (value + (local - local.detach())).mean()
+    records: list[RoutingRecord | None] = [None] * len(routers)
 
+    def keep(index: int, module: nn.Module, args: tuple, record: RoutingRecord) -> None:
+        records[index] = record
 
-def router_z_loss(record: RoutingRecord, token_mask: torch.Tensor) -> torch.Tensor:
-    """ST-MoE eq. 5: mean over non-padding tokens of (logsumexp_j h_j)^2."""
-    valid = token_mask.to(record.router_logits.dtype)
-    return (record.router_logits.logsumexp(dim=-1).square() * valid).sum() / valid.sum().clamp(min=1)
+    handles = [router.register_forward_hook(functools.partial(keep, i)) for i, router in enumerate(routers)]
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class MoePreTrainedModel(PreTrainedModel):
@@ -220,8 +183,8 @@ class MoePreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     # Which Auto class builds the dense model of this head.
     dense_auto_class = AutoModel
-    # The architecture's model without a head (set below each architecture's classes).
-    headless_class = None
+    # The routing method of the architecture: its router, losses and hooks (set by each architecture).
+    routing_method: type[RoutingMethod] = RoutingMethod
     # A headless model loaded from a head's checkpoint ignores the head's weights.
     _keys_to_ignore_on_load_unexpected = [r"^backbone\.(?:lm_head|score)\."]
     # Expert choice outside training; None for token choice.
@@ -246,15 +209,15 @@ class MoePreTrainedModel(PreTrainedModel):
                 config.text_config.model_type,
                 expert_parallel_size,
             )
-            setattr(parent, child, MoeBlock(self._make_router(hidden_size, weight), experts))
-        if config.model_type == "expert_choice_moe":
-            self.register_state_dict_post_hook(_warn_if_adapter_drops_thresholds)
+            router = self.routing_method.make_router(self, hidden_size, weight.dtype, weight.device)
+            setattr(parent, child, MoeBlock(router, experts))
+        self.routing_method.on_model_init(self)
         # auto_map lists every Auto class a saved checkpoint serves: saving adds the head's own
         # class; AutoModel loads the decoder without its head from any head's checkpoint.
-        module = type(self).__module__.rpartition(".")[2]
+        headless = self.routing_method.model_classes[0]
         config.auto_map = {
             **(getattr(config, "auto_map", None) or {}),
-            "AutoModel": f"{module}.{self.headless_class.__name__}",
+            "AutoModel": f"{headless.__module__.rpartition('.')[2]}.{headless.__name__}",
         }
         self.post_init()
 
@@ -289,12 +252,6 @@ class MoePreTrainedModel(PreTrainedModel):
                 for name, _ in block.experts.named_parameters():
                     ep_plan[f"{experts}.{name}"] = "grouped_gemm"
         self._ep_plan = {**ep_plan, **(self._ep_plan or {})}
-
-    def _make_router(self, hidden_size: int, weight: torch.Tensor) -> nn.Module:
-        if self.config.model_type == "switch_moe":
-            return TokenChoiceRouter(hidden_size, self.config, dtype=weight.dtype, device=weight.device)
-        inference_routing = self.config.inference_routing or self.default_inference_routing
-        return ExpertChoiceRouter(hidden_size, self.config, inference_routing, dtype=weight.dtype, device=weight.device)
 
     @classmethod
     def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
@@ -349,11 +306,8 @@ class MoePreTrainedModel(PreTrainedModel):
             for module in self.modules():
                 if isinstance(module, GroupedLinear):
                     module.reset_parameters(init)
-                elif isinstance(module, (TokenChoiceRouter, ExpertChoiceRouter)):
-                    init.normal_(module.weight, mean=0.0, std=self.config.router_init_std)
-                    if isinstance(module, ExpertChoiceRouter):
-                        init.zeros_(module.score_thresholds)
-                        init.zeros_(module.threshold_updates)
+                elif isinstance(module, Router):
+                    module.reset_parameters(init, self.config.router_init_std)
 
     def forward(
         self,
@@ -392,14 +346,11 @@ class MoePreTrainedModel(PreTrainedModel):
         module = self.backbone.base_model if hidden_states_only else self.backbone
         if not hidden_states_only and (isinstance(logits_to_keep, torch.Tensor) or logits_to_keep):
             kwargs["logits_to_keep"] = logits_to_keep  # only heads with logits take it
-        outputs = module(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
-        records = [block.last_routing for block in blocks]
-        for block in blocks:
-            block.last_routing = None
-        if self.training and self.config.model_type == "expert_choice_moe":
-            data_parallel = self._is_data_parallel()
-            for block, record in zip(blocks, records, strict=True):
-                block.router.update_thresholds(record.capacity_scores, data_parallel)
+        routers = [block.router for block in blocks]
+        with record_routing(routers) as records:
+            outputs = module(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
+        if self.training:
+            self.routing_method.after_training_forward(self, routers, records)
 
         extras = {}
         if output_routing_stats is not False or labels is not None or self.training:
@@ -458,12 +409,8 @@ class MoePreTrainedModel(PreTrainedModel):
         if token_mask is not None and token_mask.numel() >= tokens:
             valid = token_mask[:, -(tokens // token_mask.shape[0]) :].reshape(-1)  # with a cache: the new tokens
         num_experts = self.config.num_experts
-        aux_loss = None
-        if self.config.model_type == "switch_moe":
-            # Global balancing pools the counts of the data-parallel processes in training forwards only:
-            # evaluation and generation may run on some processes and not others.
-            scope = self.config.balance_scope if self.training and torch.is_grad_enabled() else "micro_batch"
-            aux_loss = load_balancing_loss(records, valid, num_experts, scope)
+        balancing_loss = self.routing_method.balancing_loss
+        aux_loss = balancing_loss(records, valid, self.config, self.training) if balancing_loss else None
         expert_load, dropped = [], []
         num_valid = valid.sum().clamp(min=1)
         for r in records:
@@ -480,27 +427,6 @@ class MoePreTrainedModel(PreTrainedModel):
             "expert_load": torch.stack(expert_load),
             "dropped_fraction": torch.stack(dropped),
         }
-
-
-def _warn_if_adapter_drops_thresholds(model, state_dict, prefix, local_metadata) -> None:
-    """State-dict hook of Expert-Choice models: a PEFT adapter saves only its own tensors and the modules
-    in ``modules_to_save``. Training moves the routers' score thresholds (buffers the causal inference
-    routing reads) even when the routers are frozen, so an adapter without ``modules_to_save=["router"]``
-    would lose them; warned once per model, when the adapter's state dict is taken (at save)."""
-    if "peft_config" not in vars(model) or vars(model).get("_warned_thresholds"):
-        return
-    routers = [block.router for block in model.moe_blocks() if isinstance(block.router, ExpertChoiceRouter)]
-    if not any(not r.threshold_updates.is_meta and r.threshold_updates.item() > 0 for r in routers):
-        return  # wrapped by modules_to_save (then PEFT saves them), or never trained
-    model.__dict__["_warned_thresholds"] = True
-    warnings.warn(
-        f"{type(model).__name__} has a PEFT adapter without its routers: the Expert-Choice score thresholds that "
-        "training updated (router.score_thresholds, read by the causal inference routing) are not saved with the "
-        "adapter, so a reloaded adapter routes with the base model's thresholds. Create the adapter with "
-        'modules_to_save=["router"] (as the hf_moe recipes do).',
-        UserWarning,
-        stacklevel=2,
-    )
 
 
 MOE_WEIGHT = re.compile(r"\.(\d+)\.[^.]+\.(?:experts|router)\.")  # layer index of an expert/router tensor
@@ -566,7 +492,7 @@ class MoeDecoder:
         ST-MoE eq. 5) never reach it. TRL adds only Mixtral's balancing loss, from fields the dense text
         config lacks, so it adds none; warned once per model, at the first such forward."""
         model, config = self.model, self.model.config
-        weighted = config.router_z_loss_coef or (config.model_type == "switch_moe" and config.router_aux_loss_coef)
+        weighted = config.router_z_loss_coef or (model.routing_method.balancing_loss and config.router_aux_loss_coef)
         if not (model.training and weighted and "forward" in vars(model)) or vars(model).get("_warned_fused_head"):
             return
         model.__dict__["_warned_fused_head"] = True
@@ -590,57 +516,3 @@ class MoeGenerationMixin(GenerationMixin):
         model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
         model_inputs["output_routing_stats"] = False
         return model_inputs
-
-
-class SwitchMoePreTrainedModel(MoePreTrainedModel):
-    config_class = SwitchMoeConfig
-
-
-class SwitchMoeModel(SwitchMoePreTrainedModel):
-    """Token-choice MoE decoder without a head (AutoModel)."""
-
-
-SwitchMoePreTrainedModel.headless_class = SwitchMoeModel
-
-
-class SwitchMoeForCausalLM(SwitchMoePreTrainedModel, MoeGenerationMixin):
-    """Token-choice MoE causal LM (AutoModelForCausalLM)."""
-
-    dense_auto_class = AutoModelForCausalLM
-
-
-class SwitchMoeForSequenceClassification(SwitchMoePreTrainedModel):
-    """Token-choice MoE sequence classifier (AutoModelForSequenceClassification)."""
-
-    dense_auto_class = AutoModelForSequenceClassification
-
-
-class ExpertChoiceMoePreTrainedModel(MoePreTrainedModel):
-    config_class = ExpertChoiceMoeConfig
-    default_inference_routing = "expert_choice"
-
-
-class ExpertChoiceMoeModel(ExpertChoiceMoePreTrainedModel):
-    """Expert-choice MoE decoder without a head (AutoModel); see `ExpertChoiceRouter` on causality."""
-
-
-ExpertChoiceMoePreTrainedModel.headless_class = ExpertChoiceMoeModel
-
-
-class ExpertChoiceMoeForCausalLM(ExpertChoiceMoePreTrainedModel, MoeGenerationMixin):
-    """Expert-choice MoE causal LM (AutoModelForCausalLM).
-
-    Expert choice is not causal (`ExpertChoiceRouter`). Training always uses expert choice;
-    outside training this head defaults to ``inference_routing="threshold"``, which is causal,
-    so cached generation equals full forwards. Set ``"expert_choice"`` to score whole sequences
-    exactly as in training.
-    """
-
-    dense_auto_class = AutoModelForCausalLM
-    default_inference_routing = "threshold"
-
-
-class ExpertChoiceMoeForSequenceClassification(ExpertChoiceMoePreTrainedModel):
-    """Expert-choice MoE sequence classifier (AutoModelForSequenceClassification)."""
-
-    dense_auto_class = AutoModelForSequenceClassification

@@ -5,9 +5,10 @@ import torch
 from transformers import AutoConfig, DistributedConfig
 from transformers.utils import logging
 
+from hf_moe.modeling.registry import routing_method_of
+
 logger = logging.get_logger("hf_moe.training")
 
-MOE_MODEL_TYPES = ("switch_moe", "expert_choice_moe")
 # MoE options of a recipe config that are fields of the MoE model config.
 MOE_OPTIONS = (
     "router_aux_loss_coef",
@@ -77,7 +78,7 @@ def load_model_for_finetuning(config, auto_class, **head_fields):
     shards the model while it loads (FSDP2, expert or tensor parallelism) and the Trainer leaves it as is.
     """
     source = AutoConfig.from_pretrained(config.model_name_or_path)
-    is_moe = source.model_type in MOE_MODEL_TYPES
+    is_moe = routing_method_of(source) is not None
     dense_config = source.text_config if is_moe else source
     for name, value in head_fields.items():
         setattr(dense_config, name, value)

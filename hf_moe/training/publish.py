@@ -9,6 +9,7 @@ import yaml
 from huggingface_hub import EvalResult, HfApi, ModelCardData
 
 from hf_moe.cards import format_count, render_model_card
+from hf_moe.modeling.registry import routing_method_of
 
 from .callback import EXPERT_LOAD_PLOT, LOSS_CURVES_PLOT
 
@@ -125,19 +126,7 @@ def moe_architecture_rows(model) -> list[tuple[str, str]]:
         ("MoE layers", ", ".join(str(i) for i in config.moe_layers)),
         ("experts per MoE layer", str(config.num_experts)),
     ]
-    if config.model_type == "switch_moe":
-        rows.append(
-            ("routing", f"token choice, top-{config.num_experts_per_tok}, norm_topk_prob={config.norm_topk_prob}")
-        )
-        rows.append(
-            (
-                "capacity factor (train / eval)",
-                f"{config.capacity_factor} / {config.eval_capacity_factor} (None = dropless)",
-            )
-        )
-        rows.append(("router_aux_loss_coef", str(config.router_aux_loss_coef)))
-    else:
-        rows.append(("routing", f"expert choice, capacity factor {config.capacity_factor}"))
+    rows += routing_method_of(config).card_rows(config)
     rows += [
         ("router_z_loss_coef", str(config.router_z_loss_coef)),
         ("expert_dropout", str(config.expert_dropout)),

@@ -4,6 +4,7 @@ fine-tuning), only the routers, or LoRA adapters through PEFT."""
 from torch import nn
 
 from hf_moe.modeling import MoeBlock
+from hf_moe.modeling.registry import routing_method_of
 
 CLASSIFIER_HEAD_NAMES = ("score", "classifier")
 
@@ -67,9 +68,10 @@ def _add_lora(model: nn.Module, config, head_names: tuple[str, ...]):
             f"parameters like {[n for n in parameter_names if 'experts' in n][:4]}"
         )
     saved = [n for n in head_names if any(m.endswith("." + n) for m in module_names)]
-    if getattr(model.config, "model_type", None) == "expert_choice_moe":
-        # Expert choice updates its routers' score thresholds (buffers) in every training step: the
-        # routers go into the adapter (PEFT's modules_to_save), so loading it reproduces the model.
+    method = routing_method_of(model)
+    if method is not None and method.routers_learn_state:
+        # Training updates router buffers (Expert-Choice score thresholds) in every step: the routers go
+        # into the adapter (PEFT's modules_to_save), so loading it reproduces the model.
         saved.append("router")
     lora_config = LoraConfig(
         r=config.lora_r,

@@ -18,6 +18,8 @@ from transformers import Trainer, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import entropy_from_logits
 
+from hf_moe.modeling.registry import routing_method_of
+
 from .arguments import precision_flags_win
 
 # transformers 5.23 renamed gradient_checkpointing to activation_checkpointing (the old name warns).
@@ -49,8 +51,7 @@ class MoeSFTConfig(SFTConfig):
 
 
 def is_moe_model(model) -> bool:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(inner.config, "model_type", None) in ("switch_moe", "expert_choice_moe")
+    return routing_method_of(model) is not None
 
 
 class MoeSFTTrainer(SFTTrainer):

@@ -23,6 +23,7 @@ from ..checkpoints.streaming import CheckpointReader, OutputTensor, write_sharde
 from ..checkpoints.units import parse_size
 from ..modeling import SwitchMoeConfig
 from ..modeling.configuration_moe import HF_MOE_VERSION
+from ..modeling.registry import model_types, routing_method_of
 from .native import (
     FAMILIES_BY_DENSE,
     FAMILIES_BY_NATIVE,
@@ -36,8 +37,6 @@ from .native import (
 )
 from .verify import TOLERANCE, VERIFY_SEQ_LEN, VerificationError, relative_deviation
 from .weights import check_floating, check_layer_count, head_of, plan_conversion
-
-HF_MOE_TYPES = ("switch_moe", "expert_choice_moe")
 
 
 def export_checkpoint(
@@ -71,7 +70,8 @@ def export_checkpoint(
     """
     shard_bytes = parse_size(max_shard_size)
     folder, origin, output_dir = resolve_paths(source, output_dir, overwrite, revision)
-    config = _load_config(folder, HF_MOE_TYPES, "an hf_moe checkpoint (switch_moe or expert_choice_moe)")
+    hf_moe_types = model_types()
+    config = _load_config(folder, hf_moe_types, f"an hf_moe checkpoint ({' or '.join(hf_moe_types)})")
     return export_folder(folder, origin, config, output_dir, shard_bytes, verify, overwrite, progress)
 
 
@@ -270,7 +270,7 @@ def _raise_mismatch(model_type: str, missing: list[str], unexpected: list[str], 
         raise ValueError("The checkpoint does not match its config:\n  - " + "\n  - ".join(problems))
 
 
-def _load_config(folder: Path, model_types: tuple[str, ...], what: str):
+def _load_config(folder: Path, expected: tuple[str, ...], what: str):
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"No {CONFIG_NAME} in {folder}: {what} needs one")
@@ -278,14 +278,14 @@ def _load_config(folder: Path, model_types: tuple[str, ...], what: str):
         model_type = json.loads(config_path.read_text()).get("model_type")
     except json.JSONDecodeError as error:
         raise ValueError(f"{config_path} is not valid JSON: {error}") from None
-    if model_type not in model_types:
-        if model_types == HF_MOE_TYPES:
+    if model_type not in expected:
+        if expected == model_types():
             hint = (
                 "a native MoE checkpoint is imported with `hf-moe import`"
                 if model_type in FAMILIES_BY_NATIVE
                 else "a dense checkpoint is upcycled and exported in one step with `hf-moe upcycle --format native`"
             )
-        elif model_type in HF_MOE_TYPES:
+        elif routing_method_of(model_type) is not None:
             hint = "it is an hf_moe checkpoint already; `hf-moe export` writes it in a native format"
         else:
             hint = (

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from transformers import CONFIG_MAPPING
 
 from ..modeling.modeling_moe import MoePreTrainedModel
+from ..modeling.registry import routing_method, routing_method_of, routing_names
 
 BACKBONE_PREFIX = MoePreTrainedModel.base_model_prefix + "."
 # Keys of a config dict that describe the file, not the model.
@@ -217,7 +218,7 @@ def is_moe_model_type(model_type) -> bool:
     return (
         isinstance(model_type, str)
         and (model_type in FAMILIES_BY_NATIVE or "moe" in model_type or model_type in ("mixtral", *OTHER_MOE_TYPES))
-        and model_type not in ("switch_moe", "expert_choice_moe")
+        and routing_method_of(model_type) is None
     )
 
 
@@ -237,11 +238,10 @@ def export_problems(config, head: int, flags: bool = False) -> list[str]:
     ``flags``: phrase the fixes as ``hf-moe upcycle`` options (for ``upcycle --format native``).
     """
     dense_type = config.text_config.model_type
-    if config.model_type != "switch_moe":
-        return [
-            "Expert Choice routing has no native counterpart: native MoE architectures route by token choice "
-            "(upcycle with --routing switch)"
-        ]
+    reason = routing_method_of(config).no_native_counterpart
+    if reason is not None:
+        exportable = [name for name in routing_names() if routing_method(name).no_native_counterpart is None]
+        return [f"{reason} (upcycle with --routing {' or '.join(exportable)})"]
     family = FAMILIES_BY_DENSE.get(dense_type)
     if family is None:
         reason = NO_NATIVE_COUNTERPART.get(dense_type, "transformers has no MoE architecture built on it")

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedConfig
 
-from ..modeling import ExpertChoiceMoeConfig, SwitchMoeConfig
+from ..modeling.registry import ROUTING_CONFIGS
 
-ROUTINGS = {"switch": SwitchMoeConfig, "expert_choice": ExpertChoiceMoeConfig}
+ROUTINGS = ROUTING_CONFIGS  # routing name -> config class, read from the registry at each access
 EXPERT_INITS = ("copy", "noise", "drop")
 DEFAULT_NOISE_STD = 0.01
 # Token-choice defaults of an upcycled model: renormalised top-2 computes the dense function at step 0

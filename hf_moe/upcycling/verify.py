@@ -32,12 +32,7 @@ class VerificationError(RuntimeError):
 
 
 def preserves_dense_function(config, moe_class, expert_init: str) -> bool:
-    if expert_init != "copy":
-        return False
-    if config.model_type == "switch_moe":
-        return config.norm_topk_prob and config.eval_capacity_factor is None
-    routing = config.inference_routing or moe_class.default_inference_routing
-    return routing == "threshold"
+    return expert_init == "copy" and moe_class.routing_method.computes_dense_function(config, moe_class)
 
 
 @dataclass

@@ -23,8 +23,9 @@ import torch
 from transformers import CONFIG_MAPPING, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from ..checkpoints.streaming import OutputTensor
-from ..modeling import ARCHITECTURES, find_feed_forward_blocks
+from ..modeling import find_feed_forward_blocks
 from ..modeling.experts import GroupedLinear
+from ..modeling.registry import routing_method_of
 from .native import FAMILIES_BY_NATIVE, is_moe_model_type
 from .settings import UpcyclingSettings
 
@@ -64,7 +65,7 @@ EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "
 
 def check_model_type(model_type, config: dict | None = None) -> None:
     """Refuse sources that are not dense transformers decoders; ``config`` is the source's config as a dict."""
-    if model_type in ("switch_moe", "expert_choice_moe"):
+    if routing_method_of(model_type) is not None:
         raise ValueError(
             f"The source is already an hf_moe model (model_type {model_type!r}); upcycle a dense checkpoint"
         )
@@ -127,7 +128,7 @@ def plan_conversion(moe_config, head: int) -> ConversionPlan:
     """Build the dense and MoE models of ``head`` on the meta device and map every MoE tensor."""
     text_config = moe_config.text_config
     check_model_type(text_config.model_type, text_config.to_dict())
-    moe_class = ARCHITECTURES[type(moe_config)][head]
+    moe_class = routing_method_of(moe_config).model_classes[head]
     with torch.device("meta"):
         dense = DENSE_AUTO_CLASSES[head].from_config(text_config)
         try:
@@ -411,9 +412,5 @@ def parameter_counts(plan: ConversionPlan) -> tuple[int, int]:
     expert_params = sum(
         p.numel() for m in plan.meta_moe.modules() if isinstance(m, GroupedLinear) for p in m.parameters()
     )
-    per_token = (
-        config.num_experts_per_tok
-        if config.model_type == "switch_moe"
-        else min(config.capacity_factor, config.num_experts)
-    )
+    per_token = routing_method_of(config).experts_per_token(config)
     return total, round(total - expert_params + expert_params * per_token / config.num_experts)

@@ -8,7 +8,8 @@ from backbones import dense_config
 from transformers import AutoModelForCausalLM
 
 import hf_moe
-from hf_moe.modeling.routing import fill_capacity_in_token_order
+from hf_moe.modeling.modeling_moe import record_routing
+from hf_moe.modeling.switch import fill_capacity_in_token_order
 
 
 def switch_model(**overrides):
@@ -18,6 +19,13 @@ def switch_model(**overrides):
 
 def first_block(model) -> hf_moe.MoeBlock:
     return model.moe_blocks()[0]
+
+
+def routed(block: hf_moe.MoeBlock, hidden: torch.Tensor):
+    """(output, routing record) of one call of ``block``."""
+    with record_routing([block.router]) as records:
+        out = block(hidden)
+    return out, records[0]
 
 
 def test_capacity_is_filled_in_token_order():
@@ -37,8 +45,7 @@ def test_dropped_tokens_get_exactly_zero_output_and_kept_tokens_do_not():
     model = switch_model(capacity_factor=0.5).train()
     block = first_block(model)
     hidden = torch.randn(2, 16, 32)
-    out = block(hidden)
-    record = block.last_routing
+    out, record = routed(block, hidden)
     capacity = math.ceil(0.5 * 16 * 1 / 4)
     assert block.router.capacity(16) == capacity
     processed = torch.zeros(32, dtype=torch.bool)
@@ -54,11 +61,9 @@ def test_dropped_tokens_get_exactly_zero_output_and_kept_tokens_do_not():
 def test_evaluation_is_dropless_unless_eval_capacity_factor_is_set():
     hidden = torch.randn(2, 16, 32)
     model = switch_model(capacity_factor=0.5).eval()
-    first_block(model)(hidden)
-    assert first_block(model).last_routing.assignments.token_idx.numel() == 32
+    assert routed(first_block(model), hidden)[1].assignments.token_idx.numel() == 32
     model = switch_model(capacity_factor=None, eval_capacity_factor=0.5).eval()
-    first_block(model)(hidden)
-    assert first_block(model).last_routing.assignments.token_idx.numel() < 32
+    assert routed(first_block(model), hidden)[1].assignments.token_idx.numel() < 32
 
 
 def test_padding_tokens_get_no_assignment_and_take_no_capacity():
@@ -68,10 +73,10 @@ def test_padding_tokens_get_no_assignment_and_take_no_capacity():
     mask = torch.ones(1, 12, dtype=torch.bool)
     mask[0, :4] = False  # left padding would otherwise fill the capacity first
     block.token_mask = mask
-    block(hidden)
-    token_idx = block.last_routing.assignments.token_idx
+    record = routed(block, hidden)[1]
+    token_idx = record.assignments.token_idx
     assert token_idx.min() >= 4
-    ranks = fill_capacity_in_token_order(block.last_routing.top_experts[4:].view(1, 8, 1), 4, block.router.capacity(12))
+    ranks = fill_capacity_in_token_order(record.top_experts[4:].view(1, 8, 1), 4, block.router.capacity(12))
     assert token_idx.numel() == ranks.sum()
 
 
@@ -97,14 +102,12 @@ def test_jitter_multiplies_only_the_router_input_and_only_in_training():
     plain_logits = hidden.view(8, 32) @ block.router.weight.T
 
     model.train()
-    block(hidden)
-    record = block.last_routing
+    record = routed(block, hidden)[1]
     assert not torch.allclose(record.router_logits, plain_logits)  # the router saw jittered input
     torch.testing.assert_close(seen[-1], hidden.view(8, 32)[record.assignments.token_idx])  # one row per pair
 
     model.eval()
-    block(hidden)
-    torch.testing.assert_close(block.last_routing.router_logits, plain_logits)
+    torch.testing.assert_close(routed(block, hidden)[1].router_logits, plain_logits)
 
 
 def test_expert_dropout_acts_on_the_output_projection_input_in_training_only():
@@ -143,8 +146,7 @@ def test_expert_choice_each_expert_takes_its_top_c_tokens_per_sequence(seq_len):
     )
     block = first_block(AutoModelForCausalLM.from_config(config).train())
     hidden = torch.randn(3, seq_len, 32)
-    block(hidden)
-    record = block.last_routing
+    record = routed(block, hidden)[1]
     capacity = round(2.0 * seq_len / 4)
     scores = record.router_logits.softmax(-1).view(3, seq_len, 4)
     assigned = record.assignments
@@ -184,8 +186,8 @@ def test_dropless_padding_pairs_are_kept_with_weight_zero_and_not_counted():
     mask = torch.ones(2, 10, dtype=torch.bool)
     mask[1, :4] = False
     block.token_mask = mask
-    out = block(torch.randn(2, 10, 32)).view(20, 32)
-    assigned = block.last_routing.assignments
+    out, record = routed(block, torch.randn(2, 10, 32))
+    out, assigned = out.view(20, 32), record.assignments
     assert assigned.token_idx.numel() == 2 * 10 * 2
     padding = ~mask.view(-1)
     assert (assigned.weight[padding[assigned.token_idx]] == 0).all()
@@ -207,8 +209,8 @@ def test_expert_choice_slots_filled_with_padding_weigh_zero():
     mask = torch.ones(2, 8, dtype=torch.bool)
     mask[1, :6] = False  # 2 real tokens, C = 8
     block.token_mask = mask
-    out = block(torch.randn(2, 8, 32)).view(16, 32)
-    assigned = block.last_routing.assignments
+    out, record = routed(block, torch.randn(2, 8, 32))
+    out, assigned = out.view(16, 32), record.assignments
     assert assigned.token_idx.numel() == 2 * 4 * 8
     padding = ~mask.view(-1)
     assert (assigned.weight[padding[assigned.token_idx]] == 0).all()

@@ -108,15 +108,16 @@ def test_saved_checkpoint_loads_with_remote_code_in_a_clean_process(config_class
 
     saved = json.loads((checkpoint / "config.json").read_text())
     prefix = config_class.__name__.removesuffix("Config")
+    module = config_class.__module__.rpartition(".")[2]  # the routing method's module: switch, expert_choice
     assert saved["auto_map"] == {
-        "AutoConfig": f"configuration_moe.{config_class.__name__}",
-        "AutoModel": f"modeling_moe.{prefix}Model",
-        "AutoModelForCausalLM": f"modeling_moe.{prefix}ForCausalLM",
+        "AutoConfig": f"{module}.{config_class.__name__}",
+        "AutoModel": f"{module}.{prefix}Model",
+        "AutoModelForCausalLM": f"{module}.{prefix}ForCausalLM",
     }
     assert saved["hf_moe_version"] == HF_MOE_VERSION == hf_moe.__version__
     assert saved["hf_moe_min_transformers"] == MIN_TRANSFORMERS
     assert saved["hf_moe_tested_transformers"] == TESTED_TRANSFORMERS
-    for name in ("configuration_moe.py", "modeling_moe.py", "routing.py", "experts.py"):
+    for name in (f"{module}.py", "configuration_moe.py", "modeling_moe.py", "routing.py", "experts.py"):
         assert (checkpoint / name).is_file()
 
     check_loaded(load_in_clean_process(sys.executable, checkpoint, tmp_path), model, config_class)
