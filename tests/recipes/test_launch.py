@@ -223,7 +223,7 @@ def test_sharded_on_cpu_saves_a_model_that_loads_in_one_process(sharded_runs, se
     assert (out / "modeling_moe.py").is_file() and not list(out.glob("_fsdp*.py"))
     model = AutoModelForCausalLM.from_pretrained(out)
     assert isinstance(model, hf_moe.SwitchMoeForCausalLM)
-    assert model.config.auto_map["AutoModelForCausalLM"] == "modeling_moe.SwitchMoeForCausalLM"
+    assert model.config.auto_map["AutoModelForCausalLM"] == "switch.SwitchMoeForCausalLM"
     assert getattr(model.config, "distributed_config", None) is None
     reference = AutoModelForCausalLM.from_pretrained(sharded_runs["one"])
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])

@@ -360,7 +360,7 @@ def test_planted_code_never_travels_or_runs(source, tmp_path):
     output = upcycle_checkpoint(source, tmp_path / "out", allow_tokenizer_remote_code=True, **OPTIONS)
 
     code = sorted(p.relative_to(output).as_posix() for p in output.rglob("*.py"))
-    assert code == ["configuration_moe.py", "experts.py", "modeling_moe.py", "routing.py"]
+    assert code == ["configuration_moe.py", "experts.py", "modeling_moe.py", "routing.py", "switch.py"]
     assert (output / "tokenizer.json").is_file() and (output / "additional_chat_templates" / "tool.jinja").is_file()
     recorded = json.loads((output / "config.json").read_text())["upcycling"]["tokenizer_remote_code_not_copied"]
     assert recorded == {"tokenizer_config.json": {"AutoTokenizer": [None, "tokenization_evil.EvilTokenizer"]}}
@@ -379,7 +379,7 @@ def test_the_source_config_auto_map_is_not_carried_over(source, tmp_path):
     output = upcycle_checkpoint(source, tmp_path / "out", **OPTIONS)
     written = json.loads((output / "config.json").read_text())
     assert "evil" not in json.dumps(written) and not (output / "modeling_evil.py").exists()
-    assert written["auto_map"]["AutoConfig"] == "configuration_moe.SwitchMoeConfig"
+    assert written["auto_map"]["AutoConfig"] == "switch.SwitchMoeConfig"
     assert AutoConfig.from_pretrained(output, trust_remote_code=True).model_type == "switch_moe"
 
 

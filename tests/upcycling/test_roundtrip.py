@@ -150,8 +150,9 @@ def test_config_records_the_conversion(save_dense, tmp_path):
         set(upcycling["source_sha256"]) == {"model.safetensors"}
         and len(upcycling["source_sha256"]["model.safetensors"]) == 64
     )
-    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_moe.SwitchMoeForCausalLM"
-    assert {"configuration_moe.py", "modeling_moe.py", "routing.py", "experts.py"} <= {p.name for p in output.iterdir()}
+    assert config["auto_map"]["AutoModelForCausalLM"] == "switch.SwitchMoeForCausalLM"
+    code = {"switch.py", "configuration_moe.py", "modeling_moe.py", "routing.py", "experts.py"}
+    assert code <= {p.name for p in output.iterdir()}
 
 
 @pytest.mark.parametrize(
