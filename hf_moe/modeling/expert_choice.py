@@ -212,6 +212,7 @@ class ExpertChoiceRouting(RoutingMethod):
 class ExpertChoiceMoePreTrainedModel(MoePreTrainedModel):
     config_class = ExpertChoiceMoeConfig
     routing_method = ExpertChoiceRouting
+    # Routing outside training when the config's inference_routing is None.
     default_inference_routing = "expert_choice"
 
 

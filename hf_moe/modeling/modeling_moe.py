@@ -1,9 +1,9 @@
 """What every hf_moe model shares: a dense transformers decoder with sparse MoE blocks.
 
-Each routing method's model classes (``switch.py``, ``expert_choice.py``) subclass
-`MoePreTrainedModel`, which builds the dense model of its head from ``config.text_config`` with the matching Auto
-class (attention, RoPE, norms, caches and generation stay the backbone's own code), then replaces
-the feed-forward block of every layer in ``config.moe_layers`` by a `MoeBlock`:
+The model classes of each routing method (``switch.py``, ``expert_choice.py``) subclass
+`MoePreTrainedModel`, which builds the dense model of its head from ``config.text_config`` with the
+matching Auto class (attention, RoPE, norms, caches and generation stay the backbone's own code),
+then replaces the feed-forward block of every layer in ``config.moe_layers`` by a `MoeBlock`:
 
     hidden (B, S, H) -> router (float32) -> sparse assignments (token, expert, weight)
                      -> sort by expert -> experts = the dense MLP with grouped matmuls
@@ -149,15 +149,17 @@ def moe_output_class(backbone_output_class: type) -> type:
 
 @contextlib.contextmanager
 def record_routing(routers: list[nn.Module]):
-    """The `RoutingRecord` each router returns while the block is open, one per router (None if not called).
+    """The `RoutingRecord` each of ``routers`` returns inside the ``with`` statement (None if not called).
 
-    transformers records router logits the same way: forward hooks on the router modules, active only
-    during one forward (`OutputRecorder` in ``_can_record_outputs``). Its collector is a context variable
-    that each decorated forward replaces, so hooks inside the dense backbone (a `PreTrainedModel` with
-    its own ``capture_outputs``) would write to the backbone's collector, not ours; the hooks here are
-    added for one forward and removed after it instead. Neither the blocks nor the routers keep any
-    state, and activation-checkpoint recomputation in the backward pass (after the block has closed)
-    records nothing twice.
+    transformers records router logits the same way, with forward hooks on the router modules that
+    record during one forward only (`OutputRecorder` in ``_can_record_outputs``). Its hooks are
+    installed once and read a context variable that every ``capture_outputs`` forward sets to its own
+    collector; the dense backbone's forward is one of them (LlamaModel's, for example), so inside it our
+    hooks would see the backbone's collector, and its hook installation stops at the backbone, a
+    `PreTrainedModel` with its own ``_can_record_outputs``. Here the hooks are added for one forward
+    and removed after it instead: neither the blocks nor the routers hold any routing state, and an
+    activation-checkpoint recomputation in the backward pass, after the ``with`` statement, records
+    nothing.
     """
     records: list[RoutingRecord | None] = [None] * len(routers)
 
@@ -187,8 +189,6 @@ class MoePreTrainedModel(PreTrainedModel):
     routing_method: type[RoutingMethod] = RoutingMethod
     # A headless model loaded from a head's checkpoint ignores the head's weights.
     _keys_to_ignore_on_load_unexpected = [r"^backbone\.(?:lm_head|score)\."]
-    # Expert choice outside training; None for token choice.
-    default_inference_routing: str | None = None
 
     def __init__(self, config):
         super().__init__(config)
