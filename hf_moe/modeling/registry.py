@@ -22,8 +22,7 @@ def register_routing(method: type[RoutingMethod]) -> type[RoutingMethod]:
     """Register ``method`` under ``method.name`` (idempotent for the same method), its config under its
     ``model_type`` with `AutoConfig`, and its model classes with `AutoModel`, `AutoModelForCausalLM`
     and `AutoModelForSequenceClassification`; all of them save their code and ``auto_map`` with
-    checkpoints for ``trust_remote_code`` loading. Returns ``method`` (usable as a class decorator
-    once ``model_classes`` is set)."""
+    checkpoints for ``trust_remote_code`` loading. Returns ``method``."""
     problems = []
     if not (isinstance(method, type) and issubclass(method, RoutingMethod)):
         raise TypeError(f"register_routing takes a RoutingMethod subclass, got {method!r}")
@@ -41,8 +40,9 @@ def register_routing(method: type[RoutingMethod]) -> type[RoutingMethod]:
     taken = {m.name: m for m in _METHODS.values() if m is not method}
     if name in taken:
         problems.append(f"name {name!r} is taken by {taken[name].__name__}")
-    if model_type in {m.config_class.model_type for m in taken.values()}:
-        problems.append(f"model_type {model_type!r} is taken by another routing method")
+    owner = next((m for m in taken.values() if m.config_class.model_type == model_type), None)
+    if owner is not None:
+        problems.append(f"model_type {model_type!r} is taken by {owner.__name__}")
     if problems:
         raise ValueError(f"Cannot register routing method {method.__name__}:\n  - " + "\n  - ".join(problems))
     config_class = method.config_class
