@@ -17,6 +17,7 @@ import socket
 import tempfile
 from pathlib import Path
 
+from ..options import literal, option_error
 from .units import format_bytes
 
 logger = logging.getLogger(__name__)
@@ -34,18 +35,25 @@ def real_output_dir(output_dir) -> Path:
     since publishing renames folders and replacing would act on the link's target."""
     path = Path(output_dir).expanduser().absolute()
     if path.is_symlink():
-        raise ValueError(
-            f"output_dir={str(output_dir)!r} is a symbolic link (to {os.readlink(path)!r}); pass a real directory "
-            "path, e.g. the link's target"
+        raise option_error(
+            ValueError,
+            f"{{output_dir=}} is a symbolic link (to {literal(repr(os.readlink(path)))}); pass a real directory path, "
+            "e.g. the link's target",
+            output_dir=str(output_dir),
         )
     return path.parent.resolve() / path.name
 
 
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:
     if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"output_dir={str(output_dir)!r} exists and is not a directory")
+        raise option_error(FileExistsError, "{output_dir=} exists and is not a directory", output_dir=str(output_dir))
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"output_dir={str(output_dir)!r} is not empty; pass overwrite=True to replace it")
+        raise option_error(
+            FileExistsError,
+            "{output_dir=} is not empty; pass {overwrite=} to replace it",
+            output_dir=str(output_dir),
+            overwrite=True,
+        )
 
 
 def check_disk_space(output_dir: Path, needed: int) -> None:
@@ -59,7 +67,9 @@ def check_disk_space(output_dir: Path, needed: int) -> None:
     elif not os.access(existing, os.W_OK | os.X_OK):
         problem = f"no permission to create folders in {str(existing)!r}"
     if problem:
-        raise PermissionError(f"output_dir={str(output_dir)!r} cannot be written: {problem}")
+        raise option_error(
+            PermissionError, f"{{output_dir=}} cannot be written: {literal(problem)}", output_dir=str(output_dir)
+        )
     free = shutil.disk_usage(existing).free
     if needed > free:
         raise OSError(
@@ -169,12 +179,16 @@ def _publish(staging: Path, output_dir: Path, overwrite: bool) -> None:
     """Rename the finished folder into place; an existing non-empty one is replaced only with
     ``overwrite``, and only now that the new one is complete."""
     if output_dir.is_symlink():  # made a link while the conversion ran
-        raise FileExistsError(f"output_dir={str(output_dir)!r} became a symbolic link during the conversion")
+        raise option_error(
+            FileExistsError, "{output_dir=} became a symbolic link during the conversion", output_dir=str(output_dir)
+        )
     if output_dir.is_dir() and any(output_dir.iterdir()):
         if not overwrite:
-            raise FileExistsError(
-                f"output_dir={str(output_dir)!r} is not empty (written while this conversion ran?); pass "
-                "overwrite=True to replace it"
+            raise option_error(
+                FileExistsError,
+                "{output_dir=} is not empty (written while this conversion ran?); pass {overwrite=} to replace it",
+                output_dir=str(output_dir),
+                overwrite=True,
             )
         replaced = Path(tempfile.mkdtemp(prefix=staging_prefix(output_dir, "replaced"), dir=output_dir.parent))
         (replaced / NEW_OUTPUT_MARKER).write_text(_folder_id(staging))  # what a later run compares with
