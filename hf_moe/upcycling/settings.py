@@ -146,20 +146,20 @@ class RoutingOptions:
         """Capacity factors from text (``"1.5"`` -> 1.5), and the problems no routing is needed to judge."""
         problems = []
         for name in ("capacity_factor", "eval_capacity_factor"):
-            value = getattr(self, name)
+            given = value = getattr(self, name)
             if isinstance(value, str) and value != DROPLESS:
                 try:
                     value = float(value)
                 except ValueError:
                     pass
-                else:
-                    setattr(self, name, value)
             if value is None or value == DROPLESS:
                 continue
-            if not is_finite_number(value) or value <= 0:
+            if is_finite_number(value) and value > 0:
+                setattr(self, name, value)
+            else:
                 problems.append(
                     (
-                        f"{{{name}}} must be a finite number > 0 or '{DROPLESS}' (no limit), got {_got(value)}",
+                        f"{{{name}}} must be a finite number > 0 or '{DROPLESS}' (no limit), got {_got(given)}",
                         {name: value},
                     )
                 )
@@ -169,7 +169,7 @@ class RoutingOptions:
                 continue
             if option.name == "norm_topk_prob" and not isinstance(value, bool):
                 problems.append((f"{{norm_topk_prob}} must be true or false, got {_got(value)}", {}))
-            elif option.type is float | None and not is_finite_number(value):
+            elif isinstance(value, float) and not math.isfinite(value):  # nan passes every range check
                 problems.append((f"{{{option.name}}} must be a finite number, got {_got(value)}", {}))
         return problems
 
@@ -177,9 +177,8 @@ class RoutingOptions:
         """Problems of the routing fields, judged by the MoE config class of ``routing``; without one (a
         checkpoint whose routing is known only when it loads), a value every routing having the field rejects."""
         problems = self._normalise_routing()
-        if problems:
-            return problems
-        values = self.routing_values()
+        judged = {name for name in self.routing_values() if not any(p[0].startswith(f"{{{name}}}") for p in problems)}
+        values = {name: value for name, value in self.routing_values().items() if name in judged}
         if routing is not None:
             allowed = [
                 n for n in config_fields(ROUTINGS[routing]) if n in {f.name for f in dataclasses.fields(RoutingOptions)}
@@ -194,9 +193,8 @@ class RoutingOptions:
                             {"routing": routing},
                         )
                     )
-            if problems:
-                return problems
-            return config_problems(ROUTINGS[routing], values, num_experts)
+            own = {name: value for name, value in values.items() if name in allowed}
+            return problems + config_problems(ROUTINGS[routing], own, num_experts)
         by_field: dict[str, list] = {}
         for config_class in ROUTINGS.values():
             own = {n: v for n, v in values.items() if n in config_fields(config_class)}
@@ -372,10 +370,10 @@ class UpcyclingSettings(RoutingOptions, UpcyclingScheme):
 
     def __post_init__(self):
         problems = self._scheme_problems()
-        if not problems:
-            problems = self.routing_problems(self.routing, self.num_experts)
-        else:
-            problems += self._normalise_routing()
+        # A bad routing or number of experts: the routing fields are still judged, by every routing.
+        routing = self.routing if self.routing in ROUTINGS else None
+        num_experts = self.num_experts if not any(p[0].startswith("{num_experts}") for p in problems) else None
+        problems += self.routing_problems(routing, num_experts)
         if problems:
             raise OptionsError(problems, "Invalid upcycling settings")
 
