@@ -24,7 +24,7 @@ import warnings
 from transformers import HfArgumentParser
 from transformers.utils import CONFIG_NAME
 
-from .options import in_terms, option_error, parser_spelling
+from .options import in_terms, parser_spelling
 from .upcycling import upcycle_checkpoint
 from .upcycling.export import export_checkpoint, import_checkpoint
 from .upcycling.native import FAMILIES_BY_NATIVE, supported_mappings
@@ -106,11 +106,6 @@ def run_upcycle(args: argparse.Namespace) -> int:
     settings, checkpoint, layout = dataclasses_from(args, UPCYCLE_OPTIONS)
     if layout.plan:
         return _print_plan(args.source, settings, checkpoint, layout)
-    defaults = PlanOptions()
-    for name in ("ep_size", "fsdp_size"):
-        if getattr(layout, name) != getattr(defaults, name):
-            raise option_error(ValueError, f"{{{name}}} applies to {{plan}} only, got {{{name}=}} without {{plan}}",
-                               **{name: getattr(layout, name)})  # fmt: skip
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UpcyclingWarning)
         output = upcycle_checkpoint(args.source, args.output_dir, settings, **dataclasses.asdict(checkpoint))

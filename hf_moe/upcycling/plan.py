@@ -199,7 +199,7 @@ def plan_upcycling(
     scheme, writing, layout = split_options(options, UpcyclingSettings, CheckpointOptions, PlanOptions)
     settings = UpcyclingSettings.from_options(settings, scheme)
     checkpoint = CheckpointOptions(**writing)
-    layout = PlanOptions(**layout)
+    layout = PlanOptions(**{**layout, "plan": True})
     layout.check_experts(settings.num_experts)
     ep_size, fsdp_size, verify = layout.ep_size, layout.fsdp_size, checkpoint.verify
     param_dtype = _train_dtype(train_dtype)

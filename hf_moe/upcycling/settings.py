@@ -493,6 +493,19 @@ class PlanOptions:
     fsdp_size: int = field(default=1, metadata=_help("plan: FSDP ranks of the training run"))
 
     def __post_init__(self):
+        if not self.plan:
+            defaults = {f.name: f.default for f in dataclasses.fields(PlanOptions)}
+            for name in ("ep_size", "fsdp_size"):
+                if getattr(self, name) != defaults[name]:
+                    raise OptionsError(
+                        [
+                            (
+                                f"{{{name}}} applies to {{plan}} only, got {{{name}=}} without {{plan}}",
+                                {name: getattr(self, name)},
+                            )
+                        ]
+                    )
+            return
         problems = [
             (f"{{{name}}} must be an integer >= 1, got {_got(value)}", {})
             for name, value in (("ep_size", self.ep_size), ("fsdp_size", self.fsdp_size))

@@ -82,7 +82,12 @@ def test_training_mode_follows_the_dense_model():
 
 def test_config_overrides_reach_the_config_and_upcycling_is_recorded():
     moe = upcycle_model(
-        tiny_dense("llama"), num_experts=4, num_experts_per_tok=2, capacity_factor=None, router_z_loss_coef=0.0, seed=3
+        tiny_dense("llama"),
+        num_experts=4,
+        num_experts_per_tok=2,
+        capacity_factor="dropless",
+        router_z_loss_coef=0.0,
+        seed=3,
     )
     config = moe.config
     assert (config.num_experts_per_tok, config.capacity_factor, config.router_z_loss_coef) == (2, None, 0.0)

@@ -113,6 +113,7 @@ def test_every_schema_field_is_one_option_everywhere():
 def test_upcycle_help_lists_every_field_with_its_help_and_default(capsys):
     with pytest.raises(SystemExit):
         main(["upcycle", "--help"])
+
     def flat(text: str) -> str:  # argparse wraps lines, also after the hyphen of "re-initialised"
         return " ".join(text.split()).replace("- ", "-")
 
