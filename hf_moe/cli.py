@@ -32,6 +32,7 @@ from .upcycling.plan import plan_upcycling
 from .upcycling.settings import (
     UPCYCLING_TOP_K,
     CheckpointOptions,
+    NativeOptions,
     PlanOptions,
     RoutingOptions,
     UpcyclingSettings,
@@ -137,7 +138,7 @@ def _print_plan(source, settings, checkpoint: CheckpointOptions, layout: PlanOpt
 def add_export_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "export",
-        formatter_class=argparse.HelpFormatter,
+        dataclass_types=[NativeOptions],
         help="write an hf_moe checkpoint in a native transformers MoE architecture (qwen3_moe, mixtral, ...)",
         description=(
             "Write an hf_moe checkpoint as a native transformers MoE checkpoint that loads with the stock Auto "
@@ -156,7 +157,7 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
 def add_import_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "import",
-        formatter_class=argparse.HelpFormatter,
+        dataclass_types=[NativeOptions],
         help="turn a native transformers MoE checkpoint (qwen3_moe, mixtral, ...) into an hf_moe checkpoint",
         description=(
             "Turn a native transformers MoE checkpoint into an hf_moe switch_moe checkpoint computing the same "
@@ -173,30 +174,10 @@ def add_import_parser(subparsers) -> argparse.ArgumentParser:
 
 def _add_native_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="where to write (must not exist or be empty)")
-    parser.add_argument(
-        "--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)"
-    )
-    parser.add_argument("--revision", default=None, help="Hub revision (Hub ids only)")
-    parser.add_argument(
-        "--no-verify",
-        dest="verify",
-        action="store_false",
-        help="skip the verification (every tensor bit for bit, and both models' logits when they fit in memory)",
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR (only once the new one is complete)"
-    )
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 
 def _native_options(args: argparse.Namespace) -> dict:
-    return dict(
-        max_shard_size=args.max_shard_size,
-        verify=args.verify,
-        overwrite=args.overwrite,
-        revision=args.revision,
-        progress=args.progress,
-    )
+    return dataclasses.asdict(dataclasses_from(args, [NativeOptions])[0])
 
 
 def _print_native_report(report: dict | None, model_type: str) -> None:

@@ -6,7 +6,8 @@ from the native transformers MoE architectures with the same streaming, publishi
 directory (or Hub id) by streaming tensors, with bounded memory. Both share the weight mapping
 and expert initialisation of `weights`. `plan_upcycling` says beforehand, from the config alone,
 what a conversion and the training of its output need. Their options are one schema (`settings`):
-`UpcyclingSettings` (`UpcyclingScheme` + `RoutingOptions`), `CheckpointOptions` and `PlanOptions`.
+`UpcyclingSettings` (`UpcyclingScheme` + `RoutingOptions`), `CheckpointOptions`, `PlanOptions` and, for
+export and import, `NativeOptions`.
 """
 
 from .convert import upcycle_checkpoint, upcycle_model
@@ -16,6 +17,7 @@ from .settings import (
     EXPERT_INITS,
     ROUTINGS,
     CheckpointOptions,
+    NativeOptions,
     PlanOptions,
     RoutingOptions,
     UpcyclingScheme,
@@ -28,6 +30,7 @@ from .weights import TESTED_MODEL_TYPES
 __all__ = [
     "CheckpointOptions",
     "EXPERT_INITS",
+    "NativeOptions",
     "PlanOptions",
     "ROUTINGS",
     "RoutingOptions",

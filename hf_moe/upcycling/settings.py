@@ -430,14 +430,47 @@ class UpcyclingSettings(RoutingOptions, UpcyclingScheme):
 
 
 @dataclass
-class CheckpointOptions:
-    """How a checkpoint conversion reads its source and writes its output (`upcycle_checkpoint`)."""
+class WriteOptions:
+    """How every conversion (upcycle, export, import) reads its source and publishes its output."""
+
+    max_shard_size: int | str = field(default="5GB", metadata=_help("largest safetensors shard, e.g. 5GB, 500MB"))
+    revision: str | None = field(default=None, metadata=_help("Hub revision (Hub ids only)"))
+    overwrite: bool = field(
+        default=False, metadata=_help("replace a non-empty output directory, only once the new one is complete")
+    )
+    progress: bool = field(default=True, metadata=_help("show a progress bar over the bytes written"))
+
+    def _write_problems(self) -> list[tuple[str, dict]]:
+        try:
+            parse_size(self.max_shard_size)
+        except ValueError as error:
+            return [_problem(error)]
+        return []
+
+
+@dataclass
+class NativeOptions(WriteOptions):
+    """`hf_moe.export_checkpoint` / `hf_moe.import_checkpoint` (``hf-moe export`` / ``hf-moe import``)."""
+
+    verify: bool = field(
+        default=True,
+        metadata=_help("verify the output: every tensor bit for bit, and both models' logits when they fit in memory"),
+    )
+
+    def __post_init__(self):
+        problems = self._write_problems()
+        if problems:
+            raise OptionsError(problems, "Invalid conversion options")
+
+
+@dataclass
+class CheckpointOptions(WriteOptions):
+    """How `upcycle_checkpoint` reads its source and writes its output."""
 
     dtype: str | None = field(
         default=None,
         metadata=_help(f"dtype of floating tensors, one of {list(DTYPES)} (unset: keep the source's)"),
     )
-    max_shard_size: int | str = field(default="5GB", metadata=_help("largest safetensors shard, e.g. 5GB, 500MB"))
     format: Format = field(
         default="hf_moe",
         metadata=_help(
@@ -452,11 +485,6 @@ class CheckpointOptions:
             "settings deviate by more than 1e-5 (relative, float32)"
         ),
     )
-    revision: str | None = field(default=None, metadata=_help("Hub revision (Hub ids only)"))
-    overwrite: bool = field(
-        default=False, metadata=_help("replace a non-empty output directory, only once the new one is complete")
-    )
-    progress: bool = field(default=True, metadata=_help("show a progress bar over the bytes written"))
     allow_tokenizer_remote_code: bool = field(
         default=False,
         metadata=_help(
@@ -466,12 +494,11 @@ class CheckpointOptions:
     )
 
     def __post_init__(self):
-        problems = []
-        for parse, name in ((parse_dtype, "dtype"), (parse_size, "max_shard_size")):
-            try:
-                parse(getattr(self, name))
-            except ValueError as error:
-                problems.append(_problem(error))
+        problems = self._write_problems()
+        try:
+            parse_dtype(self.dtype)
+        except ValueError as error:
+            problems.append(_problem(error))
         if self.format not in FORMATS:
             problems.append((f"{{format}} must be one of {list(FORMATS)}, got {_got(self.format)}", {}))
         if problems:
