@@ -161,3 +161,14 @@ def test_help_documents_the_defaults_that_train(capsys):
     assert "k of top-k. Upcycling sets it to 2 unless given: with renormalised gates the model computes" in text
     assert "(unset: switch 2 when upcycling, else 1)" in text
     assert "never code" in text
+
+
+def test_export_and_import_name_their_arguments(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("kept")
+    for command in ("export", "import"):
+        status, _, err = run_cli([command, str(tmp_path / "moe"), str(tmp_path / "out"), "--no-verify"], capsys)
+        assert status == 2 and f"OUTPUT_DIR '{tmp_path / 'out'}' is not empty; pass --overwrite to replace it" in err
+        status, _, err = run_cli([command, "a", str(tmp_path / "new"), "--max-shard-size", "lots"], capsys)
+        assert status == 2 and "--max-shard-size must be a positive size such as '5GB'" in err
+    assert (tmp_path / "out" / "x").read_text() == "kept" and not (tmp_path / "new").exists()
