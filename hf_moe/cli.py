@@ -8,9 +8,10 @@
 
 A subcommand is a function ``add_<name>_parser(subparsers)`` that registers its arguments and
 sets ``handler``; `main` dispatches to it and turns user errors into a message and exit status.
-``upcycle``'s options, their help and defaults are generated from the option dataclasses
-(`UpcyclingSettings`, `CheckpointOptions`, `PlanOptions`) by transformers' `HfArgumentParser`,
-the way TRL's ``trl`` command builds its subcommands; errors name options as the parser spells them.
+The options of ``upcycle``, ``export`` and ``import``, their help and defaults are generated from
+the option dataclasses (`UpcyclingSettings`, `CheckpointOptions`, `PlanOptions`; `NativeOptions`)
+by transformers' `HfArgumentParser`, the way TRL's ``trl`` command builds its subcommands; errors
+name options as the parser spells them (`hf_moe.options.parser_spelling`).
 """
 
 import argparse
@@ -127,10 +128,10 @@ def run_upcycle(args: argparse.Namespace) -> int:
 
 
 def _print_plan(source, settings, checkpoint: CheckpointOptions, layout: PlanOptions) -> int:
-    options = {name: getattr(checkpoint, name) for name in ("dtype", "max_shard_size", "verify", "format", "revision")}
+    options = {**dataclasses.asdict(checkpoint), "ep_size": layout.ep_size, "fsdp_size": layout.fsdp_size}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UpcyclingWarning)  # the conversion itself reports them
-        plan = plan_upcycling(source, settings, ep_size=layout.ep_size, fsdp_size=layout.fsdp_size, **options)
+        plan = plan_upcycling(source, settings, **options)
     print(plan.summary())
     return 0
 
