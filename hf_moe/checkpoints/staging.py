@@ -114,10 +114,12 @@ def clear_stale_staging(output_dir: Path) -> None:
         pid, host, state = int(match["pid"]), match["host"], match["state"]
         if host != HOST or _process_alive(pid):
             where = f"pid {pid}" + ("" if host == HOST else f" on host {host}")
-            raise FileExistsError(
-                f"Another conversion to output_dir={str(output_dir)!r} ({where}) is running or was interrupted: "
-                f"its {state} folder {str(path)!r} exists. Wait for it to finish or, if it is not running, "
-                f"remove the folder: rm -rf {shlex.quote(str(path))}"
+            raise option_error(
+                FileExistsError,
+                f"Another conversion to {{output_dir=}} ({literal(where)}) is running or was interrupted: its {state} "
+                f"folder {literal(repr(str(path)))} exists. Wait for it to finish or, if it is not running, remove the "
+                f"folder: rm -rf {literal(shlex.quote(str(path)))}",
+                output_dir=str(output_dir),
             )
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
         if state == "unfinished":
@@ -165,10 +167,12 @@ def _settle_replaced(replaced: Path, output_dir: Path, by: str) -> bool:
         output_dir.rmdir()
     if output_dir.exists() or output_dir.is_symlink():
         found = sorted(p.name for p in output_dir.iterdir())[:5] if output_dir.is_dir() else []
-        raise FileExistsError(
-            f"output_dir={str(output_dir)!r} holds other files ({found or 'not a folder'}), and the previous "
-            f"output, moved aside by {by}, is in {str(previous)!r}. Move those files away to get the previous "
-            f"output back on the next run, or drop it: rm -rf {shlex.quote(str(replaced))}"
+        raise option_error(
+            FileExistsError,
+            f"{{output_dir=}} holds other files ({literal(found or 'not a folder')}), and the previous output, moved "
+            f"aside by {literal(by)}, is in {literal(repr(str(previous)))}. Move those files away to get the previous "
+            f"output back on the next run, or drop it: rm -rf {literal(shlex.quote(str(replaced)))}",
+            output_dir=str(output_dir),
         )
     os.rename(previous, output_dir)
     shutil.rmtree(replaced)
@@ -208,9 +212,10 @@ def _publish(staging: Path, output_dir: Path, overwrite: bool) -> None:
     except OSError as error:
         if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
             raise
-        raise FileExistsError(
-            f"output_dir={str(output_dir)!r} was filled by another process while this conversion ran; "
-            "it was left as it is"
+        raise option_error(
+            FileExistsError,
+            "{output_dir=} was filled by another process while this conversion ran; it was left as it is",
+            output_dir=str(output_dir),
         ) from None
 
 

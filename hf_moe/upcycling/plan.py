@@ -24,6 +24,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from ..checkpoints.streaming import OutputTensor, assign_shards, header_bytes, tensor_nbytes
 from ..checkpoints.units import DTYPES, format_bytes, parse_dtype, parse_size
 from ..modeling.experts import GroupedLinear
+from ..options import literal, option_error
 from .convert import load_dense_config
 from .native import FAMILIES_BY_DENSE, export_problems, tensor_rules
 from .settings import CheckpointOptions, PlanOptions, UpcyclingSettings, split_options
@@ -352,13 +353,17 @@ def _dense_config(source, revision: str | None) -> PreTrainedConfig:
     if path.is_dir():
         return load_dense_config(path.resolve())
     if path.exists():
-        raise FileNotFoundError(f"source={str(source)!r} is a file; pass the checkpoint directory that contains it")
+        raise option_error(
+            FileNotFoundError, "{source=} is a file; pass the checkpoint directory that contains it", source=str(source)
+        )
     try:  # a Hub id: only its config.json is fetched
         config = AutoConfig.from_pretrained(str(source), revision=revision)
     except OSError as error:
-        raise FileNotFoundError(
-            f"source={str(source)!r} is neither a local directory nor a Hub id whose config.json could be "
-            f"fetched: {error}"
+        raise option_error(
+            FileNotFoundError,
+            "{source=} is neither a local directory nor a Hub id whose config.json could be fetched: "
+            f"{literal(error)}",
+            source=str(source),
         ) from None
     check_model_type(config.model_type, config.to_dict())
     return config
