@@ -225,6 +225,7 @@ class GroupedExperts(nn.Module):
         # no autograd.Function overhead (~30 us) in inference, e.g. each decoding step
         return WeightedScatterAdd.compute(expert_out, weight, row_idx, num_rows)
 
+
     def __reduce_ex__(self, protocol):
         # The class is made at run time (`grouped_experts_class`): pickle and deepcopy name the
         # dense class it extends instead, and make the class again from it.
