@@ -54,7 +54,7 @@ def build_models(args, device, dtype) -> dict[str, torch.nn.Module]:
     )
     dense = LlamaForCausalLM(config).to(device=device, dtype=dtype)
     moe = {}
-    for label, capacity_factor in (("dropless", None), ("capacity 1.25", 1.25)):
+    for label, capacity_factor in (("dropless", "dropless"), ("capacity 1.25", 1.25)):
         moe[f"hf_moe top-1 {label}, {args.experts} experts every other layer"] = upcycle_model(
             dense,
             routing="switch",

@@ -26,8 +26,12 @@ CASES = {
     "top-1 renormalised": dict(num_experts_per_tok=1, norm_topk_prob=True),
     "top-2 renormalised (default)": dict(num_experts_per_tok=2, norm_topk_prob=True),
     "top-1 raw gate (Switch)": dict(num_experts_per_tok=1, norm_topk_prob=False),
-    "top-2 renormalised, dropless training": dict(num_experts_per_tok=2, norm_topk_prob=True, capacity_factor=None),
-    "top-1 renormalised, dropless training": dict(num_experts_per_tok=1, norm_topk_prob=True, capacity_factor=None),
+    "top-2 renormalised, dropless training": dict(
+        num_experts_per_tok=2, norm_topk_prob=True, capacity_factor="dropless"
+    ),
+    "top-1 renormalised, dropless training": dict(
+        num_experts_per_tok=1, norm_topk_prob=True, capacity_factor="dropless"
+    ),
 }
 VOCAB, EXPERTS = 128, 8
 

@@ -1,19 +1,12 @@
 """``python -m hf_moe.upcycle SOURCE OUTPUT_DIR ...``: the same as ``hf-moe upcycle``."""
 
-import argparse
 import sys
 
-from .cli import configure_upcycle_parser, main
+from .cli import UPCYCLE_DESCRIPTION, UPCYCLE_OPTIONS, OptionsParser, configure_upcycle_parser, main
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m hf_moe.upcycle",
-        description=(
-            "Convert a dense transformers checkpoint into an hf_moe Mixture-of-Experts checkpoint "
-            "(the same as `hf-moe upcycle`)."
-        ),
-    )
+def build_parser() -> OptionsParser:
+    parser = OptionsParser(UPCYCLE_OPTIONS, prog="python -m hf_moe.upcycle", description=UPCYCLE_DESCRIPTION)
     configure_upcycle_parser(parser)
     return parser
 

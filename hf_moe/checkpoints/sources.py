@@ -14,6 +14,7 @@ from pathlib import Path
 from huggingface_hub import snapshot_download
 from transformers.utils import CONFIG_NAME
 
+from ..options import literal, option_error
 from ..transformers_internals import custom_object_save
 from .staging import check_output_dir, clear_stale_staging, real_output_dir
 
@@ -47,11 +48,16 @@ def resolve_paths(source, output_dir, overwrite: bool, revision: str | None) -> 
     check_output_dir(output_dir, overwrite)
     folder, origin = resolve_source(source, revision)
     if folder == output_dir or output_dir in folder.parents:
-        raise ValueError(f"output_dir={str(output_dir)!r} must not be or contain source={str(folder)!r}")
+        raise option_error(
+            ValueError, "{output_dir=} must not be or contain {source=}", output_dir=str(output_dir), source=str(folder)
+        )
     if folder in output_dir.parents:
-        raise ValueError(
-            f"output_dir={str(output_dir)!r} must not be inside source={str(folder)!r}: the source is only read; "
-            "write the converted checkpoint next to it"
+        raise option_error(
+            ValueError,
+            "{output_dir=} must not be inside {source=}: the source is only read; write the converted checkpoint "
+            "next to it",
+            output_dir=str(output_dir),
+            source=str(folder),
         )
     return folder, origin, output_dir
 
@@ -62,25 +68,35 @@ def resolve_source(source, revision: str | None) -> tuple[Path, dict]:
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise FileNotFoundError(f"source={str(source)!r} is a file; pass the checkpoint directory that contains it")
+            raise option_error(
+                FileNotFoundError,
+                "{source=} is a file; pass the checkpoint directory that contains it",
+                source=str(source),
+            )
         if revision is not None:
-            raise ValueError(
-                f"revision applies to Hub ids only, got revision={revision!r} for the local directory "
-                f"source={str(source)!r}"
+            raise option_error(
+                ValueError,
+                "{revision} applies to Hub ids only, got {revision=} for the local directory {source=}",
+                revision=revision,
+                source=str(source),
             )
         return path.resolve(), {"source": str(path.resolve()), "revision": None}
     if not REPO_ID.fullmatch(str(source)):
-        raise FileNotFoundError(
-            f"source={str(source)!r} is neither an existing directory nor a Hub repository id (owner/name)"
+        raise option_error(
+            FileNotFoundError,
+            "{source=} is neither an existing directory nor a Hub repository id (owner/name)",
+            source=str(source),
         )
     try:
         folder = Path(snapshot_download(str(source), revision=revision, ignore_patterns=list(HUB_IGNORE_PATTERNS)))
     except Exception as error:  # offline, not cached, unknown repo, network: all mean "cannot get it"
         reason = str(error).strip().rstrip(".")
-        raise FileNotFoundError(
-            f"source={str(source)!r} is not a local directory and could not be fetched from the Hugging Face Hub "
-            f"(revision {revision or 'main'}): {type(error).__name__}: {reason}. Offline, the model must already be "
-            "in the local Hub cache"
+        raise option_error(
+            FileNotFoundError,
+            "{source=} is not a local directory and could not be fetched from the Hugging Face Hub "
+            f"(revision {literal(revision or 'main')}): {type(error).__name__}: {literal(reason)}. Offline, the model "
+            "must already be in the local Hub cache",
+            source=str(source),
         ) from None
     return folder, {"source": str(source), "revision": folder.name}
 
@@ -102,11 +118,14 @@ def tokenizer_remote_code(folder: Path, allowed: bool) -> dict | None:
             found[name] = entry
     if found and not allowed:
         listed = "; ".join(f"auto_map {entry} in {name}" for name, entry in found.items())
-        raise ValueError(
-            f"The tokenizer of source={str(folder)!r} needs custom code ({listed}), which "
-            "trust_remote_code=True would run. hf_moe never copies code from a source: pass "
-            "allow_tokenizer_remote_code=True to convert it anyway (its data files are copied, the code is not, "
-            "and the model card says so), or use a source whose tokenizer is a transformers class"
+        raise option_error(
+            ValueError,
+            f"The tokenizer of {{source=}} needs custom code ({literal(listed)}), which trust_remote_code=True would "
+            "run. hf_moe never copies code from a source: pass {allow_tokenizer_remote_code=} to convert it anyway "
+            "(its data files are copied, the code is not, and the model card says so), or use a source whose "
+            "tokenizer is a transformers class",
+            source=str(folder),
+            allow_tokenizer_remote_code=True,
         )
     return found or None
 

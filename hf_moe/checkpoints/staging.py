@@ -17,6 +17,7 @@ import socket
 import tempfile
 from pathlib import Path
 
+from ..options import literal, option_error
 from .units import format_bytes
 
 logger = logging.getLogger(__name__)
@@ -34,18 +35,25 @@ def real_output_dir(output_dir) -> Path:
     since publishing renames folders and replacing would act on the link's target."""
     path = Path(output_dir).expanduser().absolute()
     if path.is_symlink():
-        raise ValueError(
-            f"output_dir={str(output_dir)!r} is a symbolic link (to {os.readlink(path)!r}); pass a real directory "
-            "path, e.g. the link's target"
+        raise option_error(
+            ValueError,
+            f"{{output_dir=}} is a symbolic link (to {literal(repr(os.readlink(path)))}); pass a real directory path, "
+            "e.g. the link's target",
+            output_dir=str(output_dir),
         )
     return path.parent.resolve() / path.name
 
 
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:
     if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"output_dir={str(output_dir)!r} exists and is not a directory")
+        raise option_error(FileExistsError, "{output_dir=} exists and is not a directory", output_dir=str(output_dir))
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"output_dir={str(output_dir)!r} is not empty; pass overwrite=True to replace it")
+        raise option_error(
+            FileExistsError,
+            "{output_dir=} is not empty; pass {overwrite=} to replace it",
+            output_dir=str(output_dir),
+            overwrite=True,
+        )
 
 
 def check_disk_space(output_dir: Path, needed: int) -> None:
@@ -59,7 +67,9 @@ def check_disk_space(output_dir: Path, needed: int) -> None:
     elif not os.access(existing, os.W_OK | os.X_OK):
         problem = f"no permission to create folders in {str(existing)!r}"
     if problem:
-        raise PermissionError(f"output_dir={str(output_dir)!r} cannot be written: {problem}")
+        raise option_error(
+            PermissionError, f"{{output_dir=}} cannot be written: {literal(problem)}", output_dir=str(output_dir)
+        )
     free = shutil.disk_usage(existing).free
     if needed > free:
         raise OSError(
@@ -104,10 +114,12 @@ def clear_stale_staging(output_dir: Path) -> None:
         pid, host, state = int(match["pid"]), match["host"], match["state"]
         if host != HOST or _process_alive(pid):
             where = f"pid {pid}" + ("" if host == HOST else f" on host {host}")
-            raise FileExistsError(
-                f"Another conversion to output_dir={str(output_dir)!r} ({where}) is running or was interrupted: "
-                f"its {state} folder {str(path)!r} exists. Wait for it to finish or, if it is not running, "
-                f"remove the folder: rm -rf {shlex.quote(str(path))}"
+            raise option_error(
+                FileExistsError,
+                f"Another conversion to {{output_dir=}} ({literal(where)}) is running or was interrupted: its {state} "
+                f"folder {literal(repr(str(path)))} exists. Wait for it to finish or, if it is not running, remove the "
+                f"folder: rm -rf {literal(shlex.quote(str(path)))}",
+                output_dir=str(output_dir),
             )
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
         if state == "unfinished":
@@ -155,10 +167,12 @@ def _settle_replaced(replaced: Path, output_dir: Path, by: str) -> bool:
         output_dir.rmdir()
     if output_dir.exists() or output_dir.is_symlink():
         found = sorted(p.name for p in output_dir.iterdir())[:5] if output_dir.is_dir() else []
-        raise FileExistsError(
-            f"output_dir={str(output_dir)!r} holds other files ({found or 'not a folder'}), and the previous "
-            f"output, moved aside by {by}, is in {str(previous)!r}. Move those files away to get the previous "
-            f"output back on the next run, or drop it: rm -rf {shlex.quote(str(replaced))}"
+        raise option_error(
+            FileExistsError,
+            f"{{output_dir=}} holds other files ({literal(found or 'not a folder')}), and the previous output, moved "
+            f"aside by {literal(by)}, is in {literal(repr(str(previous)))}. Move those files away to get the previous "
+            f"output back on the next run, or drop it: rm -rf {literal(shlex.quote(str(replaced)))}",
+            output_dir=str(output_dir),
         )
     os.rename(previous, output_dir)
     shutil.rmtree(replaced)
@@ -169,12 +183,16 @@ def _publish(staging: Path, output_dir: Path, overwrite: bool) -> None:
     """Rename the finished folder into place; an existing non-empty one is replaced only with
     ``overwrite``, and only now that the new one is complete."""
     if output_dir.is_symlink():  # made a link while the conversion ran
-        raise FileExistsError(f"output_dir={str(output_dir)!r} became a symbolic link during the conversion")
+        raise option_error(
+            FileExistsError, "{output_dir=} became a symbolic link during the conversion", output_dir=str(output_dir)
+        )
     if output_dir.is_dir() and any(output_dir.iterdir()):
         if not overwrite:
-            raise FileExistsError(
-                f"output_dir={str(output_dir)!r} is not empty (written while this conversion ran?); pass "
-                "overwrite=True to replace it"
+            raise option_error(
+                FileExistsError,
+                "{output_dir=} is not empty (written while this conversion ran?); pass {overwrite=} to replace it",
+                output_dir=str(output_dir),
+                overwrite=True,
             )
         replaced = Path(tempfile.mkdtemp(prefix=staging_prefix(output_dir, "replaced"), dir=output_dir.parent))
         (replaced / NEW_OUTPUT_MARKER).write_text(_folder_id(staging))  # what a later run compares with
@@ -194,9 +212,10 @@ def _publish(staging: Path, output_dir: Path, overwrite: bool) -> None:
     except OSError as error:
         if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
             raise
-        raise FileExistsError(
-            f"output_dir={str(output_dir)!r} was filled by another process while this conversion ran; "
-            "it was left as it is"
+        raise option_error(
+            FileExistsError,
+            "{output_dir=} was filled by another process while this conversion ran; it was left as it is",
+            output_dir=str(output_dir),
         ) from None
 
 

@@ -2,6 +2,7 @@
 
 import torch
 
+from ..options import literal, option_error
 from ..transformers_internals import convert_file_size_to_int
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -12,7 +13,9 @@ def parse_dtype(dtype) -> torch.dtype | None:
         return dtype
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
-    raise ValueError(f"dtype must be one of {list(DTYPES)} or None (keep the source's), got {dtype!r}")
+    raise option_error(
+        ValueError, f"{{dtype}} must be one of {list(DTYPES)} or None (keep the source's), got {literal(repr(dtype))}"
+    )
 
 
 def parse_size(size) -> int:
@@ -21,8 +24,10 @@ def parse_size(size) -> int:
     except (ValueError, TypeError, AttributeError):  # AttributeError: a float such as nan
         value = None
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(
-            f"max_shard_size must be a positive size such as '5GB', '500MB' or a number of bytes, got {size!r}"
+        raise option_error(
+            ValueError,
+            "{max_shard_size} must be a positive size such as '5GB', '500MB' or a number of bytes, "
+            f"got {literal(repr(size))}",
         )
     return value
 

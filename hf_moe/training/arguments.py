@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 from transformers import DistributedConfig, TrainingArguments
 
-from hf_moe.modeling.configuration_moe import BALANCE_SCOPES
-from hf_moe.upcycling import EXPERT_INITS, ROUTINGS
+from hf_moe.options import OptionsError, key_spelling, render
+from hf_moe.upcycling.settings import RoutingOptions, UpcyclingScheme, UpcyclingSettings
 
 TRAIN_PARAMETER_CHOICES = ("all", "non_moe", "routers", "lora")
 DATA_FILE_BUILDERS = {
@@ -46,38 +46,28 @@ def non_finite_options(options) -> list[str]:
 
 
 @dataclass
-class MoeArguments:
+class MoeArguments(RoutingOptions):
     """What hf_moe adds to a fine-tune: the model source (an hf_moe checkpoint, or a dense one upcycled on
     the fly), the MoE and regularisation options (Switch Table 4, ST-MoE), what trains, LoRA, the dense
-    control, the overfitting gap, early stopping and output-folder safety. ``None`` for an MoE option
-    keeps the checkpoint's value."""
+    control, the overfitting gap, early stopping and output-folder safety.
 
-    model_name_or_path: str = field(
-        default="", metadata={"help": "an hf_moe checkpoint, or a dense one with upcycle_routing set"}
-    )
+    The MoE options are the routing fields of the upcycling schema (`RoutingOptions`: ``num_experts_per_tok``,
+    ``capacity_factor``, ``router_aux_loss_coef``, ...), under the same names: ``None`` keeps the checkpoint's
+    value, or takes the routing's default when upcycling. ``upcycle`` holds the rest of `UpcyclingSettings`
+    as one mapping, ``upcycle: {routing: switch, num_experts: 8, moe_layers: last_half}``, so that every option
+    keeps its one name (a flat ``seed`` would also be TrainingArguments')."""
+
+    model_name_or_path: str = field(default="", metadata={"help": "an hf_moe checkpoint, or a dense one with upcycle"})
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "default: model_name_or_path"})
-    # Upcycling on the fly (hf_moe.upcycling.upcycle_model options); upcycle_routing None = no upcycling.
-    upcycle_routing: str | None = field(default=None, metadata={"help": f"upcycle a dense model: one of {ROUTINGS}"})
-    upcycle_num_experts: int = 8
-    upcycle_moe_layers: str = field(default="every_other", metadata={"help": "every_other, all, or e.g. '1,3'"})
-    upcycle_expert_init: str = field(default="copy", metadata={"help": f"one of {EXPERT_INITS}"})
-    upcycle_noise_std: float | None = None
-    upcycle_drop_ratio: float = 0.5
-    upcycle_seed: int = 0
-    upcycle_num_experts_per_tok: int | None = None
-    upcycle_norm_topk_prob: bool | None = None
-    # MoE options, set on the model config before the modules are built.
-    router_aux_loss_coef: float | None = None
-    router_z_loss_coef: float | None = None
-    expert_dropout: float | None = None
-    backbone_dropout: float | None = None
-    capacity_factor: str | None = field(default=None, metadata={"help": "a number > 0, or 'dropless'"})
-    eval_capacity_factor: str | None = field(default=None, metadata={"help": "a number > 0, or 'dropless'"})
-    router_jitter_noise: float | None = None
-    balance_scope: str | None = field(
+    upcycle: dict | str | None = field(
         default=None,
-        metadata={"help": f"tokens the balancing loss counts over: one of {BALANCE_SCOPES} (SwitchMoeConfig)"},
+        metadata={
+            "help": "upcycle a dense model_name_or_path on the fly: the fields of hf_moe.UpcyclingScheme (routing, "
+            "num_experts, moe_layers, expert_init, noise_std, drop_ratio, seed), a mapping in YAML or JSON on the "
+            'command line, e.g. \'{"routing": "switch", "moe_layers": "last_half"}\'; unset: no upcycling'
+        },
     )
+    backbone_dropout: float | None = None
     # Sharding at load time with transformers' own engine (FSDP2, expert and tensor parallelism).
     distributed_config: dict | str | None = field(
         default=None,
@@ -114,11 +104,7 @@ class MoeArguments:
     def __post_init__(self):
         found = []
         if not self.model_name_or_path:
-            found.append("model_name_or_path is required (an hf_moe checkpoint, or a dense one with upcycle_routing)")
-        if self.upcycle_routing is not None and self.upcycle_routing not in ROUTINGS:
-            found.append(f"upcycle_routing must be one of {list(ROUTINGS)}, got {self.upcycle_routing!r}")
-        if self.upcycle_expert_init not in EXPERT_INITS:
-            found.append(f"upcycle_expert_init must be one of {list(EXPERT_INITS)}, got {self.upcycle_expert_init!r}")
+            found.append("model_name_or_path is required (an hf_moe checkpoint, or a dense one with upcycle)")
         if self.train_parameters not in TRAIN_PARAMETER_CHOICES:
             found.append(
                 f"train_parameters must be one of {list(TRAIN_PARAMETER_CHOICES)}, got {self.train_parameters!r}"
@@ -128,39 +114,62 @@ class MoeArguments:
             found.append("train_parameters 'lora' needs lora_target_modules and/or lora_target_parameters")
         if has_targets and self.train_parameters != "lora":
             found.append(f"lora_target_* are only used with train_parameters 'lora', got {self.train_parameters!r}")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef", "early_stopping_threshold"):
-            value = getattr(self, name)
-            if value is not None and math.isfinite(value) and value < 0:
-                found.append(f"{name} must be >= 0, got {value!r}")
-        for name in ("expert_dropout", "backbone_dropout", "router_jitter_noise"):
-            value = getattr(self, name)
-            if value is not None and math.isfinite(value) and not 0 <= value < 1:
-                found.append(f"{name} must be in [0, 1), got {value!r}")
-        found += non_finite_options(self)
+        if self.early_stopping_threshold is not None and math.isfinite(self.early_stopping_threshold):
+            if self.early_stopping_threshold < 0:
+                found.append(f"early_stopping_threshold must be >= 0, got {self.early_stopping_threshold!r}")
+        if self.backbone_dropout is not None and math.isfinite(self.backbone_dropout):
+            if not 0 <= self.backbone_dropout < 1:
+                found.append(f"backbone_dropout must be in [0, 1), got {self.backbone_dropout!r}")
+        routing_fields = {f.name for f in dataclasses.fields(RoutingOptions)}
+        found += [p for p in non_finite_options(self) if p.split(" ")[0] not in routing_fields]
+        found += self._upcycling_problems()
         found += self._distributed_config_problems()
-        if self.balance_scope is not None and self.balance_scope not in BALANCE_SCOPES:
-            found.append(f"balance_scope must be one of {list(BALANCE_SCOPES)}, got {self.balance_scope!r}")
-        for name in ("capacity_factor", "eval_capacity_factor"):
-            value = getattr(self, name)
-            if value is None or value == "dropless":
-                continue
-            try:
-                number = float(value)
-            except ValueError:
-                number = 0.0
-            if not (math.isfinite(number) and number > 0):
-                found.append(
-                    f"{name} must be a finite number > 0 or 'dropless' (unset keeps the checkpoint's), got {value!r}"
-                )
         for name in ("train_eval_samples", "early_stopping_patience"):
             if getattr(self, name) < 0:
                 found.append(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.dense_control and self.upcycle_routing is None:
+        if self.dense_control and self.upcycle is None:
             found.append(
                 "dense_control fine-tunes the dense model an MoE run upcycles: give the dense model_name_or_path "
-                "with upcycle_routing set (the MoE run's settings), got upcycle_routing None"
+                "with upcycle set (the MoE run's settings), got upcycle None"
             )
         _raise("MoeArguments", found)
+
+    def _upcycling_problems(self) -> list[str]:
+        """The upcycling settings and the MoE options, named by their keys here (``upcycle.moe_layers``,
+        ``capacity_factor``); without ``upcycle`` the MoE options are judged by every routing that has them."""
+        scheme = [f.name for f in dataclasses.fields(UpcyclingScheme)]
+        spell = key_spelling({name: f"upcycle.{name}" for name in scheme})
+        if isinstance(self.upcycle, str):
+            try:
+                self.upcycle = json.loads(self.upcycle)
+            except json.JSONDecodeError as error:
+                return [f"upcycle must be a JSON object of upcycling settings ({error})"]
+        if self.upcycle is None:
+            problems = self.routing_problems()
+        elif not isinstance(self.upcycle, dict):
+            return [f"upcycle must map upcycling settings ({scheme}) to values, got {self.upcycle!r}"]
+        elif set(self.upcycle) - set(scheme):
+            unknown = sorted(set(self.upcycle) - set(scheme))
+            return [
+                f"upcycle keys must be among {scheme}, got {unknown} (the MoE options, num_experts_per_tok, "
+                "capacity_factor, ..., are top-level keys)"
+            ]
+        else:
+            try:
+                settings = self.upcycling_settings()
+            except OptionsError as error:
+                problems = error.problems
+            else:
+                self.upcycle = {name: getattr(settings, name) for name in scheme}  # resolved, as saved with the run
+                problems = []
+        return [render(template, values, spell) for template, values in problems]
+
+    def upcycling_settings(self) -> UpcyclingSettings | None:
+        """The `UpcyclingSettings` of ``upcycle`` and the MoE options (None without ``upcycle``)."""
+        if self.upcycle is None:
+            return None
+        routing = {f.name: getattr(self, f.name) for f in dataclasses.fields(RoutingOptions)}
+        return UpcyclingSettings(**self.upcycle, **routing)
 
     def _distributed_config_problems(self) -> list[str]:
         if isinstance(self.distributed_config, str):
@@ -179,16 +188,12 @@ class MoeArguments:
             found.append(
                 "distributed_config does not apply to train_parameters 'lora' (saving a sharded adapter is not wired)"
             )
-        if self.upcycle_routing is not None and not self.dense_control:
+        if self.upcycle is not None and not self.dense_control:
             found.append(
                 "distributed_config shards a checkpoint while it loads: upcycle it first (hf-moe upcycle) and give "
-                "that folder as model_name_or_path, got upcycle_routing set"
+                "that folder as model_name_or_path, got upcycle set"
             )
         return found
-
-    def moe_layers(self) -> str | list[int]:
-        value = self.upcycle_moe_layers
-        return value if value in ("every_other", "all") else [int(v) for v in value.split(",") if v.strip()]
 
 
 @dataclass

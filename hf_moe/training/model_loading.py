@@ -9,16 +9,6 @@ from hf_moe.modeling.registry import routing_method_of
 
 logger = logging.get_logger("hf_moe.training")
 
-# MoE options of a recipe config that are fields of the MoE model config.
-MOE_OPTIONS = (
-    "router_aux_loss_coef",
-    "router_z_loss_coef",
-    "expert_dropout",
-    "capacity_factor",
-    "eval_capacity_factor",
-    "router_jitter_noise",
-    "balance_scope",
-)
 # Dropout fields of dense decoder configs across architectures (llama/qwen/mistral: attention_dropout;
 # gpt2: resid/embd/attn_pdrop; others: hidden_dropout, dropout).
 BACKBONE_DROPOUT_FIELDS = (
@@ -31,17 +21,6 @@ BACKBONE_DROPOUT_FIELDS = (
     "attention_probs_dropout_prob",
     "dropout",
 )
-
-
-def requested_moe_options(config) -> dict:
-    """The MoE config fields a recipe sets; None = keep the checkpoint's; capacity "dropless" = None."""
-    options = {name: getattr(config, name) for name in MOE_OPTIONS if getattr(config, name) is not None}
-    # Capacity factors arrive as strings from the parser: a number, or "dropless" (None on the model).
-    capacity = ("capacity_factor", "eval_capacity_factor")
-    return {
-        name: None if value == "dropless" else float(value) if name in capacity else value
-        for name, value in options.items()
-    }
 
 
 def set_backbone_dropout(dense_config, rate: float) -> list[str]:
@@ -70,7 +49,7 @@ def distributed_kwargs(config) -> dict:
 def load_model_for_finetuning(config, auto_class, **head_fields):
     """Build the model of ``auto_class``'s head from ``config.model_name_or_path`` (a `MoeArguments`).
 
-    An hf_moe checkpoint, or a dense one upcycled on the fly (``upcycle_routing``); with
+    An hf_moe checkpoint, or a dense one upcycled on the fly (``upcycle``); with
     ``dense_control`` the dense model itself, with the same dropout. ``head_fields`` (num_labels,
     id2label, label2id, pad_token_id) go on the config that builds the head. The MoE options are set
     on the MoE config before construction, so capacity factors and expert dropout reach the modules.
@@ -86,13 +65,13 @@ def load_model_for_finetuning(config, auto_class, **head_fields):
             setattr(source, name, value)
     if config.backbone_dropout is not None:
         set_backbone_dropout(dense_config, config.backbone_dropout)
-    options = requested_moe_options(config)
+    options = config.routing_values()  # the MoE options set; None keeps the checkpoint's
 
     if is_moe:
-        if config.upcycle_routing is not None:
+        if config.upcycle is not None:
             raise ValueError(
-                f"upcycle_routing is set but model_name_or_path {config.model_name_or_path!r} is already an MoE "
-                f"model ({source.model_type!r}); remove upcycle_routing"
+                f"upcycle is set but model_name_or_path {config.model_name_or_path!r} is already an MoE "
+                f"model ({source.model_type!r}); remove upcycle"
             )
         unknown = [name for name in options if not hasattr(source, name)]
         if unknown:
@@ -105,10 +84,10 @@ def load_model_for_finetuning(config, auto_class, **head_fields):
             config.model_name_or_path, config=source, dtype=torch.float32, **distributed_kwargs(config)
         )
 
-    if config.upcycle_routing is None:
+    if config.upcycle is None:
         raise ValueError(
             f"model_name_or_path {config.model_name_or_path!r} is a dense {source.model_type!r} checkpoint: "
-            "set upcycle_routing (and upcycle_num_experts, upcycle_moe_layers, ...) to upcycle it on the fly"
+            "set upcycle (e.g. {routing: switch, num_experts: 8, moe_layers: every_other}) to upcycle it on the fly"
         )
     from hf_moe.upcycling import upcycle_model
 
@@ -117,22 +96,8 @@ def load_model_for_finetuning(config, auto_class, **head_fields):
     )
     if config.dense_control:
         return dense
-    overrides = dict(options)
-    for name in ("num_experts_per_tok", "norm_topk_prob", "noise_std"):
-        value = getattr(config, f"upcycle_{name}")
-        if value is not None:
-            overrides[name] = value
     # The upcycler rejects settings the chosen routing does not have, naming them.
-    return upcycle_model(
-        dense,
-        routing=config.upcycle_routing,
-        num_experts=config.upcycle_num_experts,
-        moe_layers=config.moe_layers(),
-        expert_init=config.upcycle_expert_init,
-        drop_ratio=config.upcycle_drop_ratio,
-        seed=config.upcycle_seed,
-        **overrides,
-    )
+    return upcycle_model(dense, config.upcycling_settings())
 
 
 def position_limit(model) -> tuple[str, int] | None:

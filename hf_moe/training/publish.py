@@ -82,7 +82,7 @@ def save_model_folder(
     base_on_disk = base_on_disk and not is_inside(config.model_name_or_path, final_dir)
     if accelerator.is_main_process:
         os.makedirs(output_dir, exist_ok=True)
-        if saved["kind"] == "adapter" and (config.upcycle_routing is not None or not base_on_disk):
+        if saved["kind"] == "adapter" and (config.upcycle is not None or not base_on_disk):
             base_folder = os.path.abspath(os.path.join(output_dir, "base_model"))
             unwrapped.peft_config["default"].base_model_name_or_path = base_folder
             saved["model"].config.save_pretrained(base_folder)  # PEFT reads the base config while saving
@@ -181,7 +181,7 @@ def write_model_card(
         model_name=model_name,
         eval_results=eval_results,
     )
-    upcycle = {k[len("upcycle_") :]: v for k, v in settings.items() if k.startswith("upcycle_")}
+    upcycle = settings.get("upcycle") or {}
     hyperparameters = [
         (k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
         for k, v in settings.items()

@@ -5,6 +5,7 @@ Both build the same `ConversionPlan` from meta-device models and produce every M
 """
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ from ..modeling.configuration_moe import HF_MOE_VERSION
 from ..optional_dependencies import import_train_module
 from .export import export_folder
 from .native import export_problems, export_status
-from .settings import DEFAULT_NOISE_STD, UpcyclingSettings
+from .settings import CheckpointOptions, UpcyclingSettings, split_options
 from .verify import VerificationError, verify_conversion
 from .weights import (
     check_dtypes,
@@ -40,40 +41,18 @@ from .weights import (
     produce,
 )
 
-FORMATS = ("hf_moe", "native")
 
-
-def upcycle_model(
-    dense_model: PreTrainedModel,
-    *,
-    routing: str = "switch",
-    num_experts: int = 8,
-    moe_layers="every_other",
-    expert_init: str = "copy",
-    noise_std: float = DEFAULT_NOISE_STD,
-    drop_ratio: float = 0.5,
-    seed: int = 0,
-    **config_overrides,
-) -> PreTrainedModel:
+def upcycle_model(dense_model: PreTrainedModel, settings: UpcyclingSettings | None = None, /, **options):
     """Convert an in-memory dense model into the MoE model of the same head.
 
     A ``*ForCausalLM`` becomes ``SwitchMoeForCausalLM`` / ``ExpertChoiceMoeForCausalLM``,
     ``*ForSequenceClassification`` the sequence classifier, a base model the base MoE model.
-    Options as in `UpcyclingSettings`; ``config_overrides`` are fields of the MoE config
-    (``num_experts_per_tok``, ``norm_topk_prob``, ``capacity_factor``, ...). The dense model is
-    left unchanged; the result holds its own copies of the tensors, on the dense model's device,
-    in the dense model's train/eval mode.
+    The options are the fields of `UpcyclingSettings`, given as ``settings`` or as keywords
+    (``routing``, ``num_experts``, ``moe_layers``, ``num_experts_per_tok``, ``capacity_factor``, ...).
+    The dense model is left unchanged; the result holds its own copies of the tensors, on the dense
+    model's device, in the dense model's train/eval mode.
     """
-    settings = UpcyclingSettings(
-        routing=routing,
-        num_experts=num_experts,
-        moe_layers=moe_layers,
-        expert_init=expert_init,
-        noise_std=noise_std,
-        drop_ratio=drop_ratio,
-        seed=seed,
-        config_overrides=config_overrides,
-    )
+    settings = UpcyclingSettings.from_options(settings, options)
     head = head_of(type(dense_model).__name__)
     text_config = copy.deepcopy(dense_model.config)
     record = {
@@ -117,25 +96,7 @@ def upcycle_model(
 
 
 def upcycle_checkpoint(
-    source: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    *,
-    routing: str = "switch",
-    num_experts: int = 8,
-    moe_layers="every_other",
-    expert_init: str = "copy",
-    noise_std: float = DEFAULT_NOISE_STD,
-    drop_ratio: float = 0.5,
-    seed: int = 0,
-    dtype: str | torch.dtype | None = None,
-    max_shard_size: int | str = "5GB",
-    verify: bool = False,
-    overwrite: bool = False,
-    revision: str | None = None,
-    progress: bool = True,
-    allow_tokenizer_remote_code: bool = False,
-    format: str = "hf_moe",
-    **config_overrides,
+    source: str | os.PathLike, output_dir: str | os.PathLike, settings: UpcyclingSettings | None = None, /, **options
 ) -> Path:
     """Convert a dense checkpoint directory (or Hub id) into an MoE checkpoint, streaming.
 
@@ -149,47 +110,33 @@ def upcycle_checkpoint(
             cache (offline: it must already be cached).
         output_dir: destination, outside ``source``; must not exist or be empty unless ``overwrite``,
             which replaces it only once the new output is complete.
-        dtype: ``"bfloat16"``, ``"float16"``, ``"float32"`` (floating tensors) or None to keep the source's.
-        max_shard_size: e.g. ``"5GB"``, ``"500MB"`` or bytes.
-        verify: compare every MoE layer (and the whole model when it fits in memory) with the
-            dense model; fails with `VerificationError` for function-preserving settings off by
-            more than 1e-5 (relative, float32). The report is stored under ``upcycling.verification``
-            in config.json.
-        revision: Hub revision (Hub ids only).
-        progress: show a progress bar over the bytes written.
-        allow_tokenizer_remote_code: convert a source whose tokenizer needs custom code (an ``auto_map`` in
-            its tokenizer config). Without it such a source is refused. Either way no code file is copied:
-            only tokenizer and generation data files travel; the missing code is recorded in config.json
-            and the model card.
-        format: ``"hf_moe"`` (``switch_moe`` / ``expert_choice_moe``), or ``"native"``: the native
-            transformers MoE architecture of `hf_moe.export_checkpoint` (e.g. qwen3 -> ``qwen3_moe``),
-            for settings that have one (refused before anything is written otherwise); it upcycles
-            into a hidden temporary folder, then exports and verifies (``verify``) from there.
-        Other options as in `upcycle_model`.
+        settings: what to build (`UpcyclingSettings`); or give its fields as keywords.
+        options: the fields of `UpcyclingSettings` (unless ``settings`` is given) and of `CheckpointOptions`:
+            ``dtype``, ``max_shard_size``, ``format``, ``verify``, ``revision``, ``overwrite``, ``progress``,
+            ``allow_tokenizer_remote_code``. ``verify`` compares every MoE layer (and the whole model when it
+            fits in memory) with the dense model and fails with `VerificationError` for function-preserving
+            settings off by more than 1e-5 (relative, float32); the report is stored under
+            ``upcycling.verification`` in config.json. ``format="native"`` writes the native transformers MoE
+            architecture of `hf_moe.export_checkpoint` (e.g. qwen3 -> ``qwen3_moe``) for settings that have one
+            (refused before anything is written otherwise): it upcycles into a hidden temporary folder, then
+            exports and verifies from there. Without ``allow_tokenizer_remote_code`` a source whose tokenizer
+            needs custom code is refused; either way no code file is copied.
 
     Returns:
         The output directory.
     """
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
-    if format == "native":
-        options = dict(routing=routing, num_experts=num_experts, moe_layers=moe_layers, expert_init=expert_init)
-        options.update(noise_std=noise_std, drop_ratio=drop_ratio, seed=seed, dtype=dtype, **config_overrides)
-        return _upcycle_to_native(
-            source, output_dir, overwrite=overwrite, revision=revision, verify=verify,
-            max_shard_size=max_shard_size, progress=progress,
-            allow_tokenizer_remote_code=allow_tokenizer_remote_code, **options,
-        )  # fmt: skip
-    settings = UpcyclingSettings(
-        routing=routing,
-        num_experts=num_experts,
-        moe_layers=moe_layers,
-        expert_init=expert_init,
-        noise_std=noise_std,
-        drop_ratio=drop_ratio,
-        seed=seed,
-        config_overrides=config_overrides,
-    )
+    scheme, writing = split_options(options, UpcyclingSettings, CheckpointOptions)
+    settings = UpcyclingSettings.from_options(settings, scheme)
+    checkpoint = CheckpointOptions(**writing)
+    if checkpoint.format == "native":
+        return _upcycle_to_native(source, output_dir, settings, checkpoint)
+    return _upcycle(source, output_dir, settings, checkpoint)
+
+
+def _upcycle(source, output_dir, settings: UpcyclingSettings, options: CheckpointOptions) -> Path:
+    dtype, max_shard_size, verify, overwrite = options.dtype, options.max_shard_size, options.verify, options.overwrite
+    revision, progress = options.revision, options.progress
+    allow_tokenizer_remote_code = options.allow_tokenizer_remote_code
     target_dtype = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
     folder, origin, output_dir = resolve_paths(source, output_dir, overwrite, revision)
@@ -254,25 +201,11 @@ def upcycle_checkpoint(
     return output_dir
 
 
-def _upcycle_to_native(
-    source,
-    output_dir,
-    *,
-    overwrite: bool,
-    revision,
-    verify: bool,
-    max_shard_size,
-    progress,
-    allow_tokenizer_remote_code: bool,
-    **options,
-):
+def _upcycle_to_native(source, output_dir, settings: UpcyclingSettings, options: CheckpointOptions) -> Path:
     """``upcycle_checkpoint(..., format="native")``: check that the settings are exportable, upcycle
     into a hidden temporary folder (with the upcycler's own verification), then export from it."""
-    dtype = options.pop("dtype", None)
-    settings_options = {k: options.pop(k) for k in list(options) if k in UpcyclingSettings.__dataclass_fields__}
-    settings = UpcyclingSettings(**settings_options, config_overrides=options)
-    shard_bytes = parse_size(max_shard_size)
-    folder, origin, output_dir = resolve_paths(source, output_dir, overwrite, revision)
+    shard_bytes = parse_size(options.max_shard_size)
+    folder, origin, output_dir = resolve_paths(source, output_dir, options.overwrite, options.revision)
     text_config = load_dense_config(folder)
     head = head_of((text_config.architectures or ["ForCausalLM"])[0])
     problems = export_problems(settings.build_config(text_config), head, flags=True)
@@ -282,13 +215,13 @@ def _upcycle_to_native(
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=staging_prefix(output_dir, "unfinished"), dir=output_dir.parent))
     try:
-        moe_dir = upcycle_checkpoint(
-            folder, work / "moe", verify=verify, progress=progress, max_shard_size=max_shard_size, dtype=dtype,
-            allow_tokenizer_remote_code=allow_tokenizer_remote_code, **settings_options, **options,
-        )  # fmt: skip
+        moe_options = dataclasses.replace(options, format="hf_moe", overwrite=False, revision=None)
+        moe_dir = _upcycle(folder, work / "moe", settings, moe_options)
         config = AutoConfig.from_pretrained(moe_dir)
         config.upcycling["source"], config.upcycling["revision"] = origin["source"], origin["revision"]
-        return export_folder(moe_dir, origin, config, output_dir, shard_bytes, verify, overwrite, progress)
+        return export_folder(
+            moe_dir, origin, config, output_dir, shard_bytes, options.verify, options.overwrite, options.progress
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

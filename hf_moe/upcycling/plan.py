@@ -24,9 +24,10 @@ from transformers import AutoConfig, PreTrainedConfig
 from ..checkpoints.streaming import OutputTensor, assign_shards, header_bytes, tensor_nbytes
 from ..checkpoints.units import DTYPES, format_bytes, parse_dtype, parse_size
 from ..modeling.experts import GroupedLinear
-from .convert import FORMATS, load_dense_config
+from ..options import literal, option_error
+from .convert import load_dense_config
 from .native import FAMILIES_BY_DENSE, export_problems, tensor_rules
-from .settings import DEFAULT_NOISE_STD, UpcyclingSettings
+from .settings import CheckpointOptions, PlanOptions, UpcyclingSettings, split_options
 from .weights import (
     BACKBONE_PREFIX,
     ConversionPlan,
@@ -146,33 +147,22 @@ class UpcyclingPlan:
 
 def plan_upcycling(
     source: str | os.PathLike | PreTrainedConfig,
+    settings: UpcyclingSettings | None = None,
+    /,
     *,
-    routing: str = "switch",
-    num_experts: int = 8,
-    moe_layers="every_other",
-    expert_init: str = "copy",
-    noise_std: float = DEFAULT_NOISE_STD,
-    drop_ratio: float = 0.5,
-    seed: int = 0,
-    dtype: str | torch.dtype | None = None,
-    max_shard_size: int | str = "5GB",
-    verify: bool = False,
-    format: str = "hf_moe",
-    revision: str | None = None,
-    ep_size: int = 1,
-    fsdp_size: int = 1,
     train_dtype: str | torch.dtype = "float32",
     available_memory: int | None = None,
     baseline_bytes: int | None = None,
-    **config_overrides,
+    **options,
 ) -> UpcyclingPlan:
     """Plan `upcycle_checkpoint` with the same options, reading only the source's config.
 
     Args:
         source: a dense checkpoint directory or Hub id (only config.json is read), or its config.
-        dtype, max_shard_size, verify, format, revision and the upcycling options: as in `upcycle_checkpoint`.
-        ep_size, fsdp_size: the `DistributedConfig` of the training run to plan (`TrainingMemory`);
-            ``ep_size`` must divide ``fsdp_size``.
+        settings, options: as in `upcycle_checkpoint` (`UpcyclingSettings` and `CheckpointOptions` fields; the
+            plan reads ``dtype``, ``max_shard_size``, ``verify``, ``format`` and ``revision``), and the fields
+            of `PlanOptions`: ``ep_size``, ``fsdp_size``, the `DistributedConfig` of the training run to plan
+            (`TrainingMemory`); ``ep_size`` must divide ``fsdp_size``.
         train_dtype: dtype of the trained parameters and their gradients (``"float32"``: mixed-precision
             training keeps float32 parameters).
         available_memory: free memory the verification sees (default: ``psutil.virtual_memory().available``
@@ -207,42 +197,19 @@ def plan_upcycling(
 
     The peak is the baseline plus the largest stage (they run one after the other).
     """
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
-    problems = [
-        f"{name} must be an integer >= 1, got {value!r}"
-        for name, value in (("ep_size", ep_size), ("fsdp_size", fsdp_size))
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1
-    ]
-    if not problems and fsdp_size % ep_size:
-        problems.append(
-            "ep_size must divide fsdp_size (transformers' DistributedConfig requires it), "
-            f"got ep_size={ep_size}, fsdp_size={fsdp_size}"
-        )
-    if not problems and isinstance(num_experts, int) and num_experts % ep_size:
-        problems.append(
-            "ep_size must divide num_experts (each rank holds num_experts / ep_size experts), "
-            f"got ep_size={ep_size}, num_experts={num_experts}"
-        )
-    if problems:
-        raise ValueError("Invalid training layout:\n  - " + "\n  - ".join(problems))
+    scheme, writing, layout = split_options(options, UpcyclingSettings, CheckpointOptions, PlanOptions)
+    settings = UpcyclingSettings.from_options(settings, scheme)
+    checkpoint = CheckpointOptions(**writing)
+    layout = PlanOptions(**{**layout, "plan": True})
+    layout.check_experts(settings.num_experts)
+    ep_size, fsdp_size, verify = layout.ep_size, layout.fsdp_size, checkpoint.verify
     param_dtype = _train_dtype(train_dtype)
-    target_dtype = parse_dtype(dtype)
-    shard_bytes = parse_size(max_shard_size)
-    settings = UpcyclingSettings(
-        routing=routing,
-        num_experts=num_experts,
-        moe_layers=moe_layers,
-        expert_init=expert_init,
-        noise_std=noise_std,
-        drop_ratio=drop_ratio,
-        seed=seed,
-        config_overrides=config_overrides,
-    )
-    text_config = _dense_config(source, revision)
+    target_dtype = parse_dtype(checkpoint.dtype)
+    shard_bytes = parse_size(checkpoint.max_shard_size)
+    text_config = _dense_config(source, checkpoint.revision)
     head = head_of((text_config.architectures or ["ForCausalLM"])[0])
     plan = plan_conversion(settings.build_config(text_config), head)
-    if format == "native":
+    if checkpoint.format == "native":
         problems = export_problems(plan.config, head, flags=True)
         if problems:
             raise ValueError("--format native cannot write these settings natively:\n  - " + "\n  - ".join(problems))
@@ -276,7 +243,7 @@ def plan_upcycling(
             dense_bytes = sum(tensor_nbytes(shape, dtype_of(name)) for name, shape in plan.dense_shapes.items())
             stages["verify model"] = FLOAT32 * (dense_params + total) + dense_bytes + file_bytes
     notes = []
-    if format == "native":
+    if checkpoint.format == "native":
         stages.update(_export_stages(plan, outputs, verify and fits, total, verify, file_bytes))
         notes.append(
             "--format native writes the hf_moe checkpoint to a temporary folder first: the disk holds both "
@@ -386,13 +353,17 @@ def _dense_config(source, revision: str | None) -> PreTrainedConfig:
     if path.is_dir():
         return load_dense_config(path.resolve())
     if path.exists():
-        raise FileNotFoundError(f"source={str(source)!r} is a file; pass the checkpoint directory that contains it")
+        raise option_error(
+            FileNotFoundError, "{source=} is a file; pass the checkpoint directory that contains it", source=str(source)
+        )
     try:  # a Hub id: only its config.json is fetched
         config = AutoConfig.from_pretrained(str(source), revision=revision)
     except OSError as error:
-        raise FileNotFoundError(
-            f"source={str(source)!r} is neither a local directory nor a Hub id whose config.json could be "
-            f"fetched: {error}"
+        raise option_error(
+            FileNotFoundError,
+            "{source=} is neither a local directory nor a Hub id whose config.json could be fetched: "
+            f"{literal(error)}",
+            source=str(source),
         ) from None
     check_model_type(config.model_type, config.to_dict())
     return config

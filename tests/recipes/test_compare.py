@@ -22,7 +22,7 @@ def runs(assets, tmp_path_factory) -> dict:
     common = {"max_steps": 4, "eval_steps": 2, "logging_steps": 1}
     run_recipe("finetune_clm", clm_settings(assets, folders["moe"], **common), root)
     dense = clm_settings(
-        assets, folders["dense"], model_name_or_path=assets["dense"], upcycle_routing="switch", dense_control=True
+        assets, folders["dense"], model_name_or_path=assets["dense"], upcycle={"routing": "switch"}, dense_control=True
     )
     run_recipe("finetune_clm", {**dense, **common}, root)
     # A plain Trainer run: no hf_moe callback, no recipe.

@@ -24,11 +24,12 @@ def test_yaml_and_flags_fill_the_three_dataclasses(tmp_path):
         {"model_name_or_path": "m", "output_dir": "o", "dataset_name": "d", "learning_rate": 1e-4, "lora_r": 4},
     )
     flags = ["--max_steps", "7", "--packing", "false", "--lora_target_parameters", "mlp.experts.down_proj.weight"]
-    flags += ["--train_parameters", "lora", "--capacity_factor", "dropless", "--upcycle_moe_layers", "1,3"]
+    flags += ["--train_parameters", "lora", "--capacity_factor", "dropless", "--upcycle", '{"moe_layers": "1,3"}']
     moe, data, training = parse(CLM, ["--config", path, *flags])
     assert training.learning_rate == 1e-4 and training.max_steps == 7 and training.packing is False
     assert moe.lora_r == 4 and moe.lora_target_parameters == ["mlp.experts.down_proj.weight"]
-    assert moe.capacity_factor == "dropless" and moe.moe_layers() == [1, 3] and data.dataset_name == "d"
+    assert moe.capacity_factor == "dropless" and moe.upcycling_settings().moe_layers == [1, 3]
+    assert data.dataset_name == "d"
 
 
 def test_unknown_yaml_key_and_flag_are_errors(tmp_path):
@@ -51,15 +52,15 @@ def test_bad_values_are_reported_together():
             expert_dropout=1.5,
             capacity_factor="lots",
             router_z_loss_coef=-1.0,
-            upcycle_routing="hash",
+            upcycle={"routing": "hash"},
         )
     message = str(error.value)
     for expected in (
         "train_parameters must be one of ['all', 'non_moe', 'routers', 'lora'], got 'experts'",
-        "expert_dropout must be in [0, 1), got 1.5",
-        "capacity_factor must be a finite number > 0 or 'dropless' (unset keeps the checkpoint's), got 'lots'",
-        "router_z_loss_coef must be >= 0, got -1.0",
-        "upcycle_routing must be one of ['switch', 'expert_choice'], got 'hash'",
+        "expert_dropout must be a finite number in [0, 1), got 1.5",
+        "capacity_factor must be a finite number > 0 or 'dropless' (no limit), got 'lots'",
+        "router_z_loss_coef must be a finite number >= 0, got -1.0",
+        "upcycle.routing must be one of ['switch', 'expert_choice'], got 'hash'",
     ):
         assert expected in message
     with pytest.raises(ValueError, match="train_parameters 'lora' needs lora_target_modules"):
@@ -118,16 +119,16 @@ def test_lora_target_matching_nothing_fails_at_start(assets, tmp_path):
 
 
 def test_dense_checkpoint_without_upcycling_fails(assets, tmp_path):
-    with pytest.raises(ValueError, match="is a dense 'llama' checkpoint: set upcycle_routing"):
+    with pytest.raises(ValueError, match="is a dense 'llama' checkpoint: set upcycle"):
         run_recipe("finetune_clm", clm_settings(assets, tmp_path / "out", model_name_or_path=assets["dense"]), tmp_path)
 
 
 def test_option_the_architecture_lacks_fails(assets, tmp_path):
     settings = clm_settings(
-        assets, tmp_path / "out", model_name_or_path=assets["dense"], upcycle_routing="expert_choice"
+        assets, tmp_path / "out", model_name_or_path=assets["dense"], upcycle={"routing": "expert_choice"}
     )
     settings["router_aux_loss_coef"] = 0.1
-    with pytest.raises(ValueError, match="router_aux_loss_coef"):
+    with pytest.raises(ValueError, match="router_aux_loss_coef is not a setting of upcycle.routing='expert_choice'"):
         run_recipe("finetune_clm", settings, tmp_path)
 
 
@@ -194,8 +195,8 @@ def test_sharding_and_balancing_options_are_checked(tmp_path):
     assert "distributed_config keys must be among ['tp_size', " in message and "got ['fsdp']" in message
     with pytest.raises(ValueError, match="distributed_config must be a JSON object of DistributedConfig fields"):
         MoeArguments(model_name_or_path="m", distributed_config="fsdp_size=2")
-    with pytest.raises(ValueError, match="upcycle it first .* got upcycle_routing set"):
-        MoeArguments(model_name_or_path="m", upcycle_routing="switch", distributed_config={"fsdp_size": 2})
+    with pytest.raises(ValueError, match="upcycle it first .* got upcycle set"):
+        MoeArguments(model_name_or_path="m", upcycle={"routing": "switch"}, distributed_config={"fsdp_size": 2})
     with pytest.raises(ValueError, match="distributed_config does not apply to train_parameters 'lora'"):
         MoeArguments(
             model_name_or_path="m", train_parameters="lora", lora_target_modules=["q_proj"], distributed_config={}

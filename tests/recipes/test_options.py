@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import hf_moe
 from hf_moe.training import MoeArguments, load_model_for_finetuning
 
-UPCYCLE = {"upcycle_routing": "switch", "upcycle_num_experts": 4, "upcycle_num_experts_per_tok": 2}
+UPCYCLE = {"upcycle": {"routing": "switch", "num_experts": 4}, "num_experts_per_tok": 2}
 
 
 def weights(folder) -> dict[str, torch.Tensor]:
@@ -170,8 +170,7 @@ def test_expert_choice_upcycle_trains(assets, tmp_path):
         tmp_path / "out",
         model_name_or_path=assets["dense"],
         max_steps=3,
-        upcycle_routing="expert_choice",
-        upcycle_num_experts=4,
+        upcycle={"routing": "expert_choice", "num_experts": 4},
     )
     result = run_recipe("finetune_clm", settings, tmp_path)
     assert "eval_validation_aux_loss" not in eval_records(tmp_path / "out")[-1]

@@ -110,14 +110,20 @@ def test_a_publish_killed_between_its_renames_is_finished_or_undone(tmp_path):
         ("router_aux_loss_coef", math.inf),
         ("expert_dropout", math.nan),
         ("router_jitter_noise", math.nan),
-        ("upcycle_noise_std", math.nan),
-        ("upcycle_drop_ratio", math.inf),
         ("early_stopping_threshold", math.nan),
     ],
 )
 def test_non_finite_moe_options_are_refused(name, value):
     with pytest.raises(ValueError, match=f"{name} must be a finite number, got {value!r}"):
         MoeArguments(model_name_or_path="m", **{name: value})
+
+
+@pytest.mark.parametrize(
+    "name, value, allowed", [("noise_std", math.nan, ">= 0"), ("drop_ratio", math.inf, r"in \[0, 1\]")]
+)
+def test_non_finite_upcycling_options_are_refused_by_their_key(name, value, allowed):
+    with pytest.raises(ValueError, match=f"upcycle.{name} must be a finite number {allowed}, got {value!r}"):
+        MoeArguments(model_name_or_path="m", upcycle={"expert_init": name.split("_")[0], name: value})
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])

@@ -311,9 +311,9 @@ def test_bin_with_non_tensor_pickle_is_refused(llama, tmp_path):
         ({"max_shard_size": "lots"}, r"max_shard_size must be a positive size such as '5GB'.*got 'lots'"),
         (
             {"routing": "expert_choice", "num_experts_per_tok": 2},
-            r"\['num_experts_per_tok'\] is not a setting of routing 'expert_choice'",
+            r"num_experts_per_tok is not a setting of routing='expert_choice' \(ExpertChoiceMoeConfig\)",
         ),
-        ({"capacity_factor": 0}, r"capacity_factor must be a finite number > 0 or None \(dropless\), got 0"),
+        ({"capacity_factor": 0}, r"capacity_factor must be a finite number > 0 or 'dropless' \(no limit\), got 0"),
         ({"revision": "main"}, r"revision applies to Hub ids only"),
     ],
 )

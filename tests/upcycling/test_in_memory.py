@@ -82,7 +82,12 @@ def test_training_mode_follows_the_dense_model():
 
 def test_config_overrides_reach_the_config_and_upcycling_is_recorded():
     moe = upcycle_model(
-        tiny_dense("llama"), num_experts=4, num_experts_per_tok=2, capacity_factor=None, router_z_loss_coef=0.0, seed=3
+        tiny_dense("llama"),
+        num_experts=4,
+        num_experts_per_tok=2,
+        capacity_factor="dropless",
+        router_z_loss_coef=0.0,
+        seed=3,
     )
     config = moe.config
     assert (config.num_experts_per_tok, config.capacity_factor, config.router_z_loss_coef) == (2, None, 0.0)
@@ -112,6 +117,6 @@ def test_upcycling_defaults_to_renormalised_top_2_so_the_router_learns_from_the_
     assert (default.config.num_experts_per_tok, default.config.norm_topk_prob) == (2, True)
     assert upcycle_model(dense, num_experts=1).config.num_experts_per_tok == 1
     with pytest.warns(UserWarning, match="the single renormalised gate is always 1, so the routers get no gradient"):
-        top1 = router_gradient(num_experts_per_tok=1, capacity_factor=None)
-    top2 = router_gradient(capacity_factor=None)
+        top1 = router_gradient(num_experts_per_tok=1, capacity_factor="dropless")
+    top2 = router_gradient(capacity_factor="dropless")
     assert top1 < 1e-7 and top2 > 1e-4, (top1, top2)
