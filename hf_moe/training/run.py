@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from transformers import AutoConfig, EarlyStoppingCallback
 
-from .arguments import non_finite_options
+from .arguments import DataArguments, MoeArguments, non_finite_options
 from .callback import MoeCallback
 from .model_loading import check_process_group, fit_length_to_positions
 from .outputs import CompleteCheckpoints, check_output_dir, evaluation_history, publish_staged_run, resolve_checkpoint
@@ -63,11 +63,11 @@ class PreparedRun:
     checkpoint: str | None
     hub_repo: str | None
     output_dir: str
-    moe_args: object
-    data_args: object
+    moe_args: MoeArguments
+    data_args: DataArguments
 
 
-def prepare_run(moe_args, data_args, training_args) -> PreparedRun:
+def prepare_run(moe_args: MoeArguments, data_args: DataArguments, training_args) -> PreparedRun:
     """Before building anything: the trainer's numbers checked, the output-folder check (a run that
     replaces another is written to a staging folder: ``training_args.output_dir`` is changed), the
     checkpoint to resume from, the metric for the best model, the Hub upload taken over from Trainer

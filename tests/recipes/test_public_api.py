@@ -65,3 +65,9 @@ def test_recipes_import_only_public_names_of_hf_moe(recipe):
         assert public is not None, f"{recipe}.py imports from {module_name}, which has no public API (__all__)"
         if name is not None:
             assert name in public, f"{recipe}.py imports {name} from {module_name}, which does not export it"
+
+
+def test_finish_run_names_the_tasks_it_knows():
+    run = hf_moe.training.run.PreparedRun(None, None, "out", None, None)
+    with pytest.raises(ValueError, match=r"task must be one of \['causal-lm', 'classification'\], got 'translation'"):
+        hf_moe.training.finish_run(None, run, task="translation", metric_names=["loss"])
