@@ -3,7 +3,8 @@
     python wheel_check.py core REPO_ROOT WORK_DIR    # the wheel installed without extras
     python wheel_check.py train REPO_ROOT WORK_DIR   # then with [train], in the same WORK_DIR
 
-core: import, from_pretrained and generate; the console script upcycles a tiny dense checkpoint with
+core: the model card templates (model_cards/ in the repository) are in the installed wheel; import,
+from_pretrained and generate; the console script upcycles a tiny dense checkpoint with
 --verify (model card included), exports it to the native architecture and imports it back; the result
 loads with trust_remote_code in a process that cannot import hf_moe; a recipe stops with one line
 naming the [train] extra. train: a short fine-tuning recipe run with its model card.
@@ -45,6 +46,16 @@ def check_core() -> None:
     extra = [name for name in TRAIN_PACKAGES if name != "yaml" and importlib.util.find_spec(name)]
     assert not extra, f"the core install holds [train] packages: {extra}"
     work.mkdir(parents=True)
+
+    # 0. The model card templates came with the wheel: model_cards/*.md installed as hf_moe.card_templates.
+    from hf_moe.cards import TEMPLATES
+
+    templates = Path(str(TEMPLATES)).resolve()
+    assert templates.parent == package.parent, f"the card templates are not inside the installed package: {templates}"
+    installed = {path.name: path.read_text(encoding="utf-8") for path in templates.glob("*.md")}
+    source = {path.name: path.read_text(encoding="utf-8") for path in (repo / "model_cards").glob("*.md")}
+    assert installed == source, f"installed templates {sorted(installed)} differ from model_cards/ {sorted(source)}"
+    print(f"model card templates in the wheel: {', '.join(sorted(installed))}")
 
     # 1. Upcycle with the console script; the dense checkpoint has a tiny byte-level BPE tokenizer,
     # which the upcycler carries over for generate and the recipe.

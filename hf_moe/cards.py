@@ -1,4 +1,5 @@
-"""Model cards: Jinja templates shipped in ``hf_moe/card_templates/``, rendered with strict fields.
+"""Model cards: Jinja templates in ``model_cards/`` (installed as ``hf_moe.card_templates``), rendered with
+strict fields.
 
 `render_model_card` is generic (any template, any fields); the YAML front matter comes from a
 `huggingface_hub.ModelCardData` passed as ``card_data`` and the result is parsed back with
@@ -13,11 +14,11 @@ from huggingface_hub import ModelCard, ModelCardData
 from .modeling.configuration_moe import HF_MOE_VERSION, MIN_TRANSFORMERS, TESTED_TRANSFORMERS
 from .modeling.registry import routing_method_of
 
-TEMPLATES = resources.files("hf_moe") / "card_templates"
+TEMPLATES = resources.files("hf_moe.card_templates")
 
 
 def read_template(template_name: str) -> str:
-    """The text of ``card_templates/<template_name>.md``, read as package data (works from a wheel)."""
+    """The text of ``model_cards/<template_name>.md``, read as package data (works from a wheel)."""
     template = TEMPLATES / f"{template_name}.md"
     if not template.is_file():
         available = sorted(t.name.removesuffix(".md") for t in TEMPLATES.iterdir() if t.name.endswith(".md"))
@@ -26,7 +27,7 @@ def read_template(template_name: str) -> str:
 
 
 def render_model_card(template_name: str, **fields) -> str:
-    """Render ``card_templates/<template_name>.md``.
+    """Render ``model_cards/<template_name>.md``.
 
     ``card_data`` (a `ModelCardData`) becomes the YAML front matter (``{{ card_data }}`` in the
     template); every other field is a template variable. A variable the template uses but
@@ -61,7 +62,7 @@ def format_count(count: float) -> str:
 def upcycled_model_card(
     config, model_class: type, model_name: str, total_params: int, active_params: int, export_status: str
 ) -> str:
-    """The card of an upcycled checkpoint (``card_templates/upcycled.md``): its MoE ``config`` (with
+    """The card of an upcycled checkpoint (``model_cards/upcycled.md``): its MoE ``config`` (with
     the ``upcycling`` record), the class it loads as, its parameter counts (total, active per token)
     and whether it can be exported (`hf_moe.upcycling.native.export_status`)."""
     upcycling = config.upcycling
@@ -115,7 +116,7 @@ def upcycled_model_card(
 
 
 def exported_model_card(config, family, native, model_name: str, origin: dict, limits: list[str]) -> str:
-    """The card of an exported native checkpoint (``card_templates/exported.md``): the hf_moe
+    """The card of an exported native checkpoint (``model_cards/exported.md``): the hf_moe
     ``config`` it came from, its native family (`hf_moe.upcycling.native.NativeFamily`) and
     ``native`` config, and what the engines compute differently (``limits``, from
     `hf_moe.upcycling.native.serving_limits`)."""
@@ -151,7 +152,7 @@ def exported_model_card(config, family, native, model_name: str, origin: dict, l
 
 
 def imported_model_card(config, family, model_class: type, model_name: str) -> str:
-    """The card of a native MoE checkpoint imported into hf_moe (``card_templates/imported.md``):
+    """The card of a native MoE checkpoint imported into hf_moe (``model_cards/imported.md``):
     its hf_moe ``config`` (with the ``imported`` record), the native family it came from and the
     class it loads as."""
     imported = config.imported

@@ -1,4 +1,5 @@
-"""render_model_card: generic Jinja templates shipped in hf_moe/card_templates/, strict fields, valid front matter."""
+"""render_model_card: generic Jinja templates in model_cards/ (installed as hf_moe.card_templates), strict fields,
+valid front matter."""
 
 import pytest
 from huggingface_hub import ModelCard, ModelCardData

@@ -164,3 +164,25 @@ def test_without_the_train_extra_hf_moe_imports_and_training_names_the_extra(tmp
         f"not installed): {TRAIN_EXTRA}",
     ]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_build_installs_every_package_and_the_model_card_templates_from_model_cards():
+    """The wheel's packages are listed in pyproject.toml (setuptools' package-dir needs a list): every folder
+    of hf_moe/ with an __init__.py, plus model_cards/ as hf_moe.card_templates with its templates as package
+    data. .ci/wheel_check.py builds the wheel and checks the installed templates equal model_cards/*.md."""
+    setuptools_config = tomllib.loads(PYPROJECT)["tool"]["setuptools"]
+    folders = {".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "hf_moe").rglob("__init__.py")}
+    assert set(setuptools_config["packages"]) == folders | {"hf_moe.card_templates"}
+    assert setuptools_config["package-dir"] == {"hf_moe.card_templates": "model_cards"}
+    assert setuptools_config["package-data"] == {"hf_moe.card_templates": ["*.md"]}
+    templates = sorted(path.stem for path in (ROOT / "model_cards").glob("*.md"))
+    assert templates == ["exported", "finetuned", "imported", "upcycled"], templates
+    assert not (ROOT / "hf_moe" / "card_templates").exists(), "the templates live in model_cards/ only"
+
+
+def test_an_editable_install_reads_the_card_templates_from_model_cards():
+    """The tests run on an editable install (pip install -e ., as CI and the README do)."""
+    from hf_moe import cards
+
+    assert Path(str(cards.TEMPLATES)).resolve() == ROOT / "model_cards"
+    assert cards.read_template("upcycled") == (ROOT / "model_cards" / "upcycled.md").read_text(encoding="utf-8")

@@ -3,6 +3,8 @@
 Both return a dict, so a ``compute_metrics`` of transformers' `Trainer` can merge them.
 """
 
+__all__ = ["accuracy", "f1"]
+
 
 def accuracy(predictions: list[int], references: list[int]) -> dict[str, float]:
     """The fraction of predictions equal to their reference label, in [0, 1]."""

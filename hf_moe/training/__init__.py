@@ -1,59 +1,39 @@
-"""Fine-tuning hf_moe models with transformers' `Trainer` and TRL's `SFTTrainer`: the MoE callback,
-the SFT trainer that keeps the router terms, and the pieces the recipes in ``recipes/`` share
-(options, data, model loading, parameter selection, output folder, model card, Hub upload)."""
+"""Fine-tuning hf_moe models with transformers' `Trainer` and TRL's `SFTTrainer`.
+
+For any trainer: `MoeCallback` (router terms, routing health, evaluation without the router terms, the
+overfitting gap, plots) and `MoeSFTTrainer` / `MoeSFTConfig` (TRL's SFT trainer with the model's own
+loss). For a recipe (``recipes/finetune_clm.py`` reads top to bottom): the options (`MoeArguments`,
+`DataArguments`, `ClassificationDataArguments`, `MoeTrainingArguments`), and the run around the
+trainer: `prepare_run`, `load_sft_dataset` / `load_classification_dataset`, `load_model`,
+`prepare_trainer`, `finish_run`, and `run_recipe_main` for the command line. Everything else is
+importable from its module (``hf_moe.training.data``, ``.outputs``, ``.trainable``, ...) and may change.
+"""
 
 from . import requires_train_extra  # noqa: F401  (first: names a missing [train] extra)
 from .arguments import ClassificationDataArguments, DataArguments, MoeArguments, MoeTrainingArguments
 from .callback import MoeCallback
-from .data import check_columns, label_names, load_train_and_validation, to_sft_columns, tokenize_for_classification
+from .data import load_classification_dataset, load_sft_dataset
 from .entry_point import run_recipe_main
-from .model_loading import check_process_group, fit_length_to_positions, load_model_for_finetuning
-from .outputs import (
-    CompleteCheckpoints,
-    add_training_subset,
-    check_checkpoint,
-    check_output_dir,
-    finish_run,
-    prepare_run,
-    resolve_checkpoint,
-)
-from .publish import push_folder_to_hub, save_model_folder, write_model_card
-from .routing_health import load_balance, plot_expert_load
-from .trainable import classifier_head_names, moe_parameter_names, router_parameter_names, select_trainable_parameters
-from .trainers import MoeSFTConfig, MoeSFTTrainer, is_moe_model
+from .model_loading import load_model
+from .run import finish_run, prepare_run, prepare_trainer
+from .trainers import MoeSFTConfig, MoeSFTTrainer
 
 __all__ = [
-    "add_training_subset",
-    "ClassificationDataArguments",
-    "CompleteCheckpoints",
-    "DataArguments",
-    "MoeArguments",
+    # For any Trainer / TRL script.
     "MoeCallback",
     "MoeSFTConfig",
-    "MoeTrainingArguments",
     "MoeSFTTrainer",
-    "check_checkpoint",
-    "check_columns",
-    "check_output_dir",
-    "check_process_group",
-    "classifier_head_names",
-    "finish_run",
-    "fit_length_to_positions",
-    "is_moe_model",
-    "label_names",
-    "load_balance",
-    "load_model_for_finetuning",
-    "load_train_and_validation",
-    "moe_parameter_names",
-    "plot_expert_load",
+    # The options of a recipe.
+    "ClassificationDataArguments",
+    "DataArguments",
+    "MoeArguments",
+    "MoeTrainingArguments",
+    # A recipe, top to bottom.
     "prepare_run",
-    "push_folder_to_hub",
-    "resolve_checkpoint",
-    "router_parameter_names",
+    "load_sft_dataset",
+    "load_classification_dataset",
+    "load_model",
+    "prepare_trainer",
+    "finish_run",
     "run_recipe_main",
-    "save_model_folder",
-    "select_trainable_parameters",
-    "to_sft_columns",
-    "tokenize_for_classification",
-    "write_model_card",
 ]

@@ -1,12 +1,29 @@
 """Data for the recipes through ``datasets.load_dataset``: local files or Hub names, a validation
 split taken from the training data when none is given, the columns TRL expects, classification
-tokenisation."""
+tokenisation. A recipe calls `load_sft_dataset` or `load_classification_dataset`."""
 
 import os
 
 from datasets import DatasetDict, load_dataset
 
 from .arguments import DATA_FILE_BUILDERS
+
+
+def load_sft_dataset(config, seed: int = 42) -> DatasetDict:
+    """``{"train", "validation"}`` (`load_train_and_validation`) with the columns TRL's SFTTrainer reads
+    (`to_sft_columns`); ``config``: a `DataArguments`."""
+    return to_sft_columns(load_train_and_validation(config, seed), config)
+
+
+def load_classification_dataset(config, tokenizer, seed: int = 42) -> tuple[DatasetDict, list[str]]:
+    """Tokenized ``{"train", "validation"}`` (`load_train_and_validation`, `tokenize_for_classification`)
+    and the label names in label-id order (`label_names`); ``config``: a `ClassificationDataArguments`.
+    A configured column missing from the data is an error naming the option and the columns there."""
+    raw = load_train_and_validation(config, seed)
+    check_columns(raw, text_column=config.text_column, text_pair_column=config.text_pair_column)
+    check_columns(raw, label_column=config.label_column)
+    names = label_names(raw, config.label_column)
+    return tokenize_for_classification(raw, tokenizer, config, names), names
 
 
 def load_train_and_validation(config, seed: int = 42) -> DatasetDict:

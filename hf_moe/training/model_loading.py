@@ -101,8 +101,10 @@ def load_model_for_finetuning(config, auto_class, **head_fields):
 
 
 def position_limit(model) -> tuple[str, int] | None:
-    """(field name, value) of the model's position limit (``max_position_embeddings`` / ``n_positions``)."""
-    config = getattr(model.config, "text_config", None) or model.config
+    """(field name, value) of the position limit (``max_position_embeddings`` / ``n_positions``) of a model
+    or its config."""
+    config = getattr(model, "config", model)
+    config = getattr(config, "text_config", None) or config
     for name in ("max_position_embeddings", "n_positions"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
@@ -142,3 +144,28 @@ def check_process_group(accelerator) -> None:
             "on CPUs shard with distributed_config (e.g. '{\"fsdp_size\": 2}' under torchrun) or use "
             "recipes/accelerate/data_parallel.yaml"
         )
+
+
+def load_model(config, auto_class, labels: list[str] | None = None, **config_fields):
+    """The model a recipe fine-tunes, ready for its trainer (``config``: a `MoeArguments`).
+
+    `load_model_for_finetuning` builds it (an hf_moe checkpoint, a dense one upcycled on the fly, or the
+    dense control), with a new classification head when ``labels`` (the label names, in label-id order)
+    are given; ``config_fields`` (e.g. ``pad_token_id``) go on the config that builds it. Then
+    ``train_parameters`` chooses what trains (`select_trainable_parameters`): with LoRA the PEFT model is
+    returned, and a new head trains in full alongside the adapter.
+    """
+    from .trainable import classifier_head_names, select_trainable_parameters
+
+    head = {}
+    if labels is not None:
+        head = {
+            "num_labels": len(labels),
+            "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)},
+        }
+    model = load_model_for_finetuning(config, auto_class, **config_fields, **head)
+    if config.dense_control and config.train_parameters != "lora":
+        return model  # the dense control has no MoE block to choose parameters by: everything trains
+    head_names = classifier_head_names(model) if labels is not None else ()
+    return select_trainable_parameters(model, config, head_names=head_names)

@@ -149,7 +149,7 @@ def write_model_card(
     saved: dict,
     metric_names: list[str],
 ) -> str:
-    """Render ``card_templates/finetuned.md`` into ``output_dir/README.md`` (the plots are `MoeCallback`'s),
+    """Render ``model_cards/finetuned.md`` into ``output_dir/README.md`` (the plots are `MoeCallback`'s),
     with the evaluation history (``evaluations.json``) next to it. ``settings``: the resolved options."""
     with open(os.path.join(output_dir, HISTORY_FILE), "w") as f:
         json.dump({"evaluations": history, "best": best, "routing": routing}, f, indent=1)

@@ -154,7 +154,7 @@ def test_gpt2_positions_limit_is_n_positions(caplog):
 
     from transformers import GPT2Config
 
-    from hf_moe.training import fit_length_to_positions
+    from hf_moe.training.model_loading import fit_length_to_positions
 
     model = SimpleNamespace(
         config=hf_moe.SwitchMoeConfig(text_config=GPT2Config(n_positions=64, n_layer=2), num_experts=2)
@@ -171,7 +171,8 @@ def test_lora_keeps_expert_choice_thresholds_in_the_adapter(config_class, tmp_pa
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     import hf_moe
-    from hf_moe.training import MoeArguments, select_trainable_parameters
+    from hf_moe.training import MoeArguments
+    from hf_moe.training.trainable import select_trainable_parameters
 
     dense = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
     model = AutoModelForCausalLM.from_config(getattr(hf_moe, config_class)(text_config=dense, num_experts=4))

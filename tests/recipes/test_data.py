@@ -4,7 +4,8 @@ import pytest
 from datasets import Dataset
 from recipe_helpers import clm_settings, run_recipe
 
-from hf_moe.training import DataArguments, load_train_and_validation, to_sft_columns
+from hf_moe.training import DataArguments
+from hf_moe.training.data import load_train_and_validation, to_sft_columns
 
 
 def test_parquet_file_with_validation_split_held_out(tmp_path):

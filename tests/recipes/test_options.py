@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import hf_moe
-from hf_moe.training import MoeArguments, load_model_for_finetuning
+from hf_moe.training import MoeArguments
+from hf_moe.training.model_loading import load_model_for_finetuning
 
 UPCYCLE = {"upcycle": {"routing": "switch", "num_experts": 4}, "num_experts_per_tok": 2}
 

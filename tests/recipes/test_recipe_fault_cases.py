@@ -19,7 +19,8 @@ from recipe_helpers import RECIPES, REPO, classification_settings, clm_settings,
 
 import hf_moe
 from hf_moe import compare_runs
-from hf_moe.training import DataArguments, MoeArguments, MoeSFTConfig, load_train_and_validation, prepare_run
+from hf_moe.training import DataArguments, MoeArguments, MoeSFTConfig, prepare_run
+from hf_moe.training.data import load_train_and_validation
 from hf_moe.training.outputs import REPLACED_SUFFIX, STAGING_SUFFIX, check_output_dir
 
 QUICK = {"max_steps": 2, "eval_steps": 2, "train_eval_samples": 4}
@@ -135,7 +136,7 @@ def test_non_finite_capacity_factor_is_refused(value):
 def test_non_finite_trainer_options_are_refused(tmp_path):
     training = MoeSFTConfig(output_dir=str(tmp_path / "out"), learning_rate=math.nan, max_grad_norm=math.inf)
     with pytest.raises(ValueError, match="learning_rate must be a finite number, got nan") as error:
-        prepare_run(MoeArguments(model_name_or_path="m"), training)
+        prepare_run(MoeArguments(model_name_or_path="m"), None, training)
     assert "max_grad_norm must be a finite number, got inf" in str(error.value)
 
 
