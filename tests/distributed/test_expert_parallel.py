@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from packaging.version import Version
 from ep_tasks import data_slice, forward_results, labels_of
+from packaging.version import Version
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
 

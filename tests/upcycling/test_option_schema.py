@@ -222,7 +222,8 @@ def test_unknown_api_option_names_the_options():
 
 def test_a_recipe_upcycling_with_last_half_loads(save_dense):
     """The shorthand a recipe passed through validation and then crashed on now builds the model."""
-    from hf_moe.training import MoeArguments, load_model_for_finetuning
+    from hf_moe.training import MoeArguments
+    from hf_moe.training.model_loading import load_model_for_finetuning
 
     _, source = save_dense("llama", num_hidden_layers=4)
     arguments = MoeArguments(
