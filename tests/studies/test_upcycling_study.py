@@ -1,19 +1,18 @@
-"""The study's quick mode end to end (recipes/study.py --quick): the pipeline, not its conclusions."""
+"""The upcycling study's quick mode end to end (python -m studies.upcycling --quick): the pipeline, not its
+conclusions."""
 
-import importlib.util
 import json
 
 import pytest
-from recipe_helpers import RECIPES
+
+import studies.upcycling.__main__ as study_main
+from studies.upcycling import data
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def load_study():
-    spec = importlib.util.spec_from_file_location("recipe_study", RECIPES / "study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return study_main
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +61,7 @@ def test_finished_study_is_kept_unless_overwrite_and_report_only_rewrites_the_re
 
 def test_runs_of_other_sizes_are_not_mixed(tmp_path):
     module = load_study()
-    (tmp_path / "study_sizes.json").write_text(json.dumps({**module.QUICK, "seeds": 5}))
+    (tmp_path / "study_sizes.json").write_text(json.dumps({**data.QUICK, "seeds": 5}))
     with pytest.raises(SystemExit, match="holds runs of a study with other sizes"):
         module.main(["--quick", "--output_dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="--report_only: .* holds no finished study runs"):
