@@ -1,4 +1,6 @@
-"""The study's runs: one function per kind of run, each training through a recipe's ``main(argv)`` in this process.
+"""The study's runs: `plan` lists every run (a pure function of the sizes), `Runs` trains them through the recipes'
+``main(argv)`` in this process and scores what the recipes do not (the test split, router logits, Expert Choice's
+inference routings).
 
 Every recipe option the study sets is written in one place, `recipe_argv`: the study describes a model with `Moe`
 (its own names) and the training with the trainer's own argument names.
@@ -8,7 +10,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ from .data import StudyData
 
 FINISHED = "finetune_config.yaml"  # written last by a recipe run
 RUN_SECONDS = "study_seconds.txt"  # wall time of the whole run (loading, training, evaluations, saving)
+SCORES = "study_scores.json"  # what the study scored on the run's checkpoints (cached; the checkpoints are removed)
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,246 @@ def recipe_argv(model: str, moe: Moe, data: dict, training: dict) -> list[str]:
     return argv
 
 
+@dataclass(frozen=True)
+class RunSpec:
+    """One planned run: its folder under ``runs/``, the recipe, the dense start it fine-tunes (``pretrain``: the
+    start's initialisation), the model and the trainer's arguments."""
+
+    folder: str
+    recipe: str  # "clm" or "classification"
+    start: int
+    moe: Moe
+    training: dict = field(hash=False)
+    pretrain: bool = False
+
+
+def dense_steps(size: dict) -> int:
+    """The dense continuation's steps: ``dense_steps_factor`` x the MoE's, rounded up to a whole evaluation."""
+    return math.ceil(size["steps"] * size["dense_steps_factor"] / size["eval_steps"]) * size["eval_steps"]
+
+
+def clm_training(size: dict, seed: int, steps: int, **extra) -> dict:
+    """Causal-LM fine-tuning: constant learning rate after warm-up (so an intermediate evaluation is a fair "stop
+    here"), evaluations from step 0, a model-only checkpoint at each evaluation (scored on the test split)."""
+    return {
+        "max_length": size["block"],
+        "packing": True,
+        "packing_strategy": "wrapped",
+        "per_device_train_batch_size": size["batch"],
+        "per_device_eval_batch_size": 64,
+        "learning_rate": size["learning_rate"],
+        "lr_scheduler_type": "constant_with_warmup",
+        "warmup_steps": 5,
+        "weight_decay": 0.01,
+        "max_steps": steps,
+        "eval_strategy": "steps",
+        "eval_steps": size["eval_steps"],
+        "eval_on_start": True,
+        "save_strategy": "steps",
+        "save_steps": size["eval_steps"],
+        "save_only_model": True,
+        "logging_steps": size["logging_steps"],
+        "train_eval_samples": size["train_eval_samples"],
+        "report_to": "none",
+        "disable_tqdm": True,
+        "use_cpu": size["use_cpu"],
+        "bf16": size["bf16"],
+        "seed": seed,
+        **extra,
+    }
+
+
+def classification_training(size: dict, seed: int) -> dict:
+    """Sequence classification for many epochs (linear decay), evaluated and saved twice an epoch."""
+    steps_per_epoch = math.ceil(size["classes"] * size["train_per_class"] / size["cls_batch"])
+    every = max(1, steps_per_epoch // 2)
+    return {
+        "max_length": size["cls_max_length"],
+        "per_device_train_batch_size": size["cls_batch"],
+        "per_device_eval_batch_size": 64,
+        "learning_rate": size["cls_lr"],
+        "lr_scheduler_type": "linear",
+        "warmup_steps": 5,
+        "weight_decay": 0.01,
+        "num_train_epochs": size["epochs"],
+        "eval_strategy": "steps",
+        "eval_steps": every,
+        "eval_on_start": True,
+        "save_strategy": "steps",
+        "save_steps": every,
+        "save_only_model": True,
+        "logging_steps": every,
+        "train_eval_samples": size["train_eval_samples"],
+        "report_to": "none",
+        "disable_tqdm": True,
+        "use_cpu": size["use_cpu"],
+        "bf16": size["bf16"],
+        "seed": seed,
+    }
+
+
+# Section 2's models (all with dropout 0.1 outside the experts), by run name: expert dropout 0 / 0.1 / 0.2 / 0.4
+# (Switch Transformer Table 4 recommends 0.4) and what trains (ST-MoE section 4.1: all, non-MoE only, routers only).
+OVERFITTING = {
+    "dense": {"dense": True},
+    "switch": {},
+    "expert_dropout0.1": {"expert_dropout": 0.1},
+    "expert_dropout0.2": {"expert_dropout": 0.2},
+    "expert_dropout0.4": {"expert_dropout": 0.4},
+    "train_non_moe": {"train_parameters": "non_moe"},
+    "train_routers": {"train_parameters": "routers"},
+}
+# The sweeps: each changes one setting of section 1's MoE (start 0, ``sweep_seeds`` seeds); the learning-rate sweep
+# changes the dense continuation too. Top-1 uses Switch's unrenormalised gate (renormalised top-1 gates are 1, and the
+# router would get no gradient from the task loss).
+SWEEPS = {
+    "top1": {"top_k": 1, "norm_topk_prob": False},
+    "experts4": {"experts": 4},
+    "experts16": {"experts": 16},
+    "capacity1.0": {"capacity": "1.0"},
+    "capacity2.0": {"capacity": "2.0"},
+    "dropless": {"capacity": "dropless"},
+    "every_layer": {"layers": "all"},
+}
+
+
+def plan(size: dict) -> list[RunSpec]:
+    """Every run of the study, in the order they train: one seed of everything first, so an interrupted study
+    already has every section."""
+    s, runs = size, []
+    for start in range(s["starts"]):
+        training = clm_training(
+            s,
+            start,
+            s["pretrain_steps"],
+            learning_rate=s["pretrain_lr"],
+            lr_scheduler_type="cosine",
+            warmup_steps=10,
+            eval_steps=s["pretrain_steps"],
+            eval_on_start=False,
+            train_eval_samples=0,
+            save_strategy="no",
+        )
+        del training["save_steps"], training["save_only_model"]
+        runs.append(RunSpec(f"pretrain/start{start}", "clm", start, replace(SWITCH, dense=True), training, True))
+    for seed in range(max(s["seeds"], s["cls_seeds"], s["sweep_seeds"])):
+        for start in range(s["starts"]):
+            if seed < s["seeds"]:
+                moe = replace(SWITCH, seed=seed)
+                folder = f"upcycling/start{start}"
+                runs.append(
+                    RunSpec(
+                        f"{folder}/dense_s{seed}",
+                        "clm",
+                        start,
+                        replace(moe, dense=True),
+                        clm_training(s, seed, dense_steps(s)),
+                    )
+                )
+                runs.append(RunSpec(f"{folder}/switch_s{seed}", "clm", start, moe, clm_training(s, seed, s["steps"])))
+                runs.append(
+                    RunSpec(
+                        f"{folder}/switch_zloss0_s{seed}",
+                        "clm",
+                        start,
+                        replace(moe, z_loss=0.0),
+                        clm_training(s, seed, s["steps"]),
+                    )
+                )
+            if seed == 0:
+                runs.append(
+                    RunSpec(
+                        f"expert_choice/start{start}/expert_choice_c2_s0",
+                        "clm",
+                        start,
+                        EXPERT_CHOICE,
+                        clm_training(s, 0, s["ec_steps"]),
+                    )
+                )
+        if seed < s["cls_seeds"]:
+            moe = replace(SWITCH, seed=seed, backbone_dropout=0.1)
+            for name, change in OVERFITTING.items():
+                runs.append(
+                    RunSpec(
+                        f"overfitting/{name}_s{seed}",
+                        "classification",
+                        0,
+                        replace(moe, **change),
+                        classification_training(s, seed),
+                    )
+                )
+        if seed < s["sweep_seeds"]:
+            moe = replace(SWITCH, seed=seed)
+            for name, change in SWEEPS.items():
+                runs.append(
+                    RunSpec(
+                        f"sweeps/{name}_s{seed}", "clm", 0, replace(moe, **change), clm_training(s, seed, s["steps"])
+                    )
+                )
+            for factor in s["lr_factors"]:
+                if factor == 1.0:
+                    continue  # section 1's runs
+                lr = s["learning_rate"] * factor
+                runs.append(
+                    RunSpec(
+                        f"sweeps/dense_lr{factor:g}_s{seed}",
+                        "clm",
+                        0,
+                        replace(moe, dense=True),
+                        clm_training(s, seed, dense_steps(s), learning_rate=lr),
+                    )
+                )
+                runs.append(
+                    RunSpec(
+                        f"sweeps/switch_lr{factor:g}_s{seed}",
+                        "clm",
+                        0,
+                        moe,
+                        clm_training(s, seed, s["steps"], learning_rate=lr),
+                    )
+                )
+            for name, coef in (("switch", 1e-3), ("switch_zloss0", 0.0)):
+                runs.append(
+                    RunSpec(
+                        f"zloss_high_lr/{name}_s{seed}",
+                        "clm",
+                        0,
+                        replace(moe, z_loss=coef),
+                        clm_training(s, seed, s["steps"], learning_rate=s["stress_lr"]),
+                    )
+                )
+    return runs
+
+
+def configuration(size: dict) -> dict:
+    """The resolved configuration a report records: the sizes and every run's recipe command line, with the
+    study folder written as ``<output>``."""
+    return {"sizes": size, "runs": {spec.folder: spec_argv(spec, Path("<output>")) for spec in plan(size)}}
+
+
+def spec_argv(spec: RunSpec, output: Path) -> list[str]:
+    data = output / "data"
+    if spec.recipe == "clm":
+        files = {
+            "train_file": data / "train.jsonl",
+            "validation_file": data / "validation.jsonl",
+            "text_column": "text",
+        }
+    else:
+        files = {
+            "train_file": data / "cls_train.jsonl",
+            "validation_file": data / "cls_validation.jsonl",
+            "text_column": "text",
+            "label_column": "label",
+        }
+    files = {k: str(v) for k, v in files.items()}
+    model = output / ("dense_init" if spec.pretrain else "runs/pretrain") / f"start{spec.start}"
+    return recipe_argv(str(model), spec.moe, files, spec.training) + [
+        "--output_dir",
+        str(output / "runs" / spec.folder),
+    ]
+
+
 class Runs:
     """The runs of one study under ``output/runs``; a finished run is reused, an interrupted one started again."""
 
@@ -90,208 +333,90 @@ class Runs:
         self.size = size
         self.data = data
         self.folder = output / "runs"
-        self.dense_init = output / "dense_init"
-        self.dense = self.folder / "pretrain_dense"  # the dense start every comparison fine-tunes
+        self.plan = {spec.folder: spec for spec in plan(size)}
 
-    def run(self, recipe, folder: Path, argv: list[str]) -> Path:
-        if (folder / FINISHED).is_file():
-            print(f"[study] reusing {folder.relative_to(self.output)}")
-            return folder
-        if folder.exists():  # an interrupted run: start it again
-            shutil.rmtree(folder)
-        started = time.time()
-        print(f"[study] training {folder.relative_to(self.output)}", flush=True)
-        recipe.main(argv + ["--output_dir", str(folder)])
-        (folder / RUN_SECONDS).write_text(f"{time.time() - started:.1f}\n")
-        return folder
+    def dense_start(self, start: int) -> Path:
+        return self.folder / "pretrain" / f"start{start}"
 
-    def clm(self, folder: Path, moe: Moe, steps: int, model: Path | None = None, **training) -> Path:
-        """A causal-LM run from the dense start: constant learning rate after warm-up, evaluations from step 0."""
-        s = self.size
-        data = {
-            "train_file": str(self.data.folder / "train.jsonl"),
-            "validation_file": str(self.data.folder / "validation.jsonl"),
-            "text_column": "text",
-        }
-        settings = {
-            "max_length": s["block"],
-            "packing": True,
-            "packing_strategy": "wrapped",
-            "per_device_train_batch_size": s["batch"],
-            "per_device_eval_batch_size": 64,
-            "learning_rate": 1e-3,
-            "lr_scheduler_type": "constant_with_warmup",
-            "warmup_steps": 5,
-            "weight_decay": 0.01,
-            "max_steps": steps,
-            "eval_strategy": "steps",
-            "eval_steps": s["eval_steps"],
-            "eval_on_start": True,
-            "save_strategy": "no",
-            "logging_steps": s["logging_steps"],
-            "train_eval_samples": s["train_eval_samples"],
-            "report_to": "none",
-            "disable_tqdm": True,
-            "use_cpu": True,
-            "bf16": False,
-            "seed": moe.seed,
-            **training,
-        }
-        return self.run(finetune_clm, folder, recipe_argv(str(model or self.dense), moe, data, settings))
-
-    def pretrain(self) -> None:
-        """The dense start: a small llama initialised here and pre-trained through the CLM recipe (dense control)."""
+    def initialise(self, start: int) -> None:
+        """Dense start ``start`` before pre-training: a small llama, initialised with seed ``start``."""
         from transformers import LlamaConfig, LlamaForCausalLM
 
         s, tokenizer = self.size, self.data.tokenizer
-        if not (self.dense_init / "config.json").is_file():
-            config = LlamaConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=s["hidden_size"],
-                intermediate_size=3 * s["hidden_size"],
-                num_hidden_layers=s["layers"],
-                num_attention_heads=4,
-                num_key_value_heads=4,
-                max_position_embeddings=256,
-                tie_word_embeddings=True,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                bos_token_id=None,
-            )
-            torch.manual_seed(0)
-            LlamaForCausalLM(config).save_pretrained(self.dense_init)
-            tokenizer.save_pretrained(self.dense_init)
-        self.clm(
-            self.folder / "pretrain_dense",
-            replace(SWITCH, dense=True),
-            s["pretrain_steps"],
-            model=self.dense_init,
-            learning_rate=3e-3,
-            lr_scheduler_type="cosine",
-            warmup_steps=10,
-            eval_steps=s["pretrain_steps"],
-            eval_on_start=False,
-            train_eval_samples=0,
+        folder = self.output / "dense_init" / f"start{start}"
+        if (folder / "config.json").is_file():
+            return
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=s["hidden_size"],
+            intermediate_size=s["intermediate_size"],
+            num_hidden_layers=s["layers"],
+            num_attention_heads=s["heads"],
+            num_key_value_heads=s["heads"],
+            max_position_embeddings=max(256, s["block"], s["cls_max_length"]),
+            tie_word_embeddings=True,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=None,
         )
+        torch.manual_seed(start)
+        LlamaForCausalLM(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
 
-    def upcycling(self, seed: int) -> None:
-        """Section 1 (and 3): the dense continuation (longer, read at equal steps / FLOPs / time), the upcycled
-        Switch MoE, and the same MoE without z-loss."""
-        s = self.size
-        folder = self.folder / "upcycling"
-        dense_steps = math.ceil(s["steps"] * s["dense_steps_factor"] / s["eval_steps"]) * s["eval_steps"]
-        moe = replace(SWITCH, seed=seed)
-        self.clm(folder / f"dense_s{seed}", replace(moe, dense=True), dense_steps)
-        self.clm(folder / f"switch_s{seed}", moe, s["steps"])
-        self.clm(folder / f"switch_zloss0_s{seed}", replace(moe, z_loss=0.0), s["steps"])
+    def train(self, spec: RunSpec) -> Path:
+        folder = self.folder / spec.folder
+        if (folder / FINISHED).is_file():
+            print(f"[study] reusing {spec.folder}")
+            return folder
+        if folder.exists():  # an interrupted run: start it again
+            shutil.rmtree(folder)
+        if spec.pretrain:
+            self.initialise(spec.start)
+        recipe = finetune_clm if spec.recipe == "clm" else finetune_classification
+        started = time.time()
+        print(f"[study] training {spec.folder}", flush=True)
+        recipe.main(spec_argv(spec, self.output))
+        (folder / RUN_SECONDS).write_text(f"{time.time() - started:.1f}\n")
+        return folder
 
-    def zloss_high_lr(self) -> None:
-        """Section 3's stress pair: z-loss 0 and 1e-3 at ten times the learning rate, one seed."""
-        s = self.size
-        for name, coef in (("switch_zloss0", 0.0), ("switch", 1e-3)):
-            folder = self.folder / "zloss_high_lr" / f"{name}_lr{s['stress_lr']:g}"
-            self.clm(folder, replace(SWITCH, z_loss=coef), s["steps"], learning_rate=s["stress_lr"])
+    def train_all(self) -> None:
+        for spec in self.plan.values():
+            self.train(spec)
+            if not spec.pretrain:
+                self.scores(spec.folder)
 
-    def overfitting(self, seed: int) -> None:
-        """Section 2: sequence classification for many epochs; dense, MoE, expert dropout, non-MoE training."""
-        s = self.size
-        steps_per_epoch = math.ceil(s["classes"] * s["train_per_class"] / s["cls_batch"])
-        data = {
-            "train_file": str(self.data.folder / "cls_train.jsonl"),
-            "validation_file": str(self.data.folder / "cls_validation.jsonl"),
-            "text_column": "text",
-            "label_column": "label",
-        }
-        training = {
-            "max_length": 64,
-            "per_device_train_batch_size": s["cls_batch"],
-            "per_device_eval_batch_size": 64,
-            "learning_rate": 1e-3,
-            "lr_scheduler_type": "linear",
-            "warmup_steps": 5,
-            "weight_decay": 0.01,
-            "num_train_epochs": s["epochs"],
-            "eval_strategy": "steps",
-            "eval_steps": max(1, steps_per_epoch // 2),
-            "eval_on_start": True,
-            "save_strategy": "no",
-            "logging_steps": max(1, steps_per_epoch // 2),
-            "train_eval_samples": s["train_eval_samples"],
-            "report_to": "none",
-            "disable_tqdm": True,
-            "use_cpu": True,
-            "seed": seed,
-        }
-        moe = replace(SWITCH, seed=seed, backbone_dropout=0.1)
-        for name, variant in overfitting_variants(moe).items():
-            folder = self.folder / "overfitting" / f"{name}_s{seed}"
-            self.run(finetune_classification, folder, recipe_argv(str(self.dense), variant, data, training))
+    def finished(self, folder: str) -> bool:
+        return (self.folder / folder / FINISHED).is_file()
 
-    def expert_choice(self) -> Path:
-        """Section 4: the dense start upcycled into Expert Choice (c = 2), with checkpoints to score."""
-        s = self.size
-        return self.clm(
-            self.folder / "expert_choice" / "expert_choice_c2_s0",
-            EXPERT_CHOICE,
-            s["ec_steps"],
-            save_strategy="steps",
-            save_steps=s["ec_save_steps"],
-            eval_steps=s["ec_save_steps"],
-        )
+    # ---- scoring -----------------------------------------------------------------------------------------
+    def scores(self, folder: str) -> dict:
+        """What the study measures on a finished run's checkpoints and final model, computed once and cached in
+        the run folder (the checkpoints are removed afterwards): causal LMs the test loss at every checkpoint and
+        the router logit statistics of the final model on the test split; classifiers the test loss and accuracy
+        at every checkpoint; Expert Choice both inference routings at every checkpoint."""
+        from . import measures
 
-    @torch.no_grad()
-    def validation_loss(self, model) -> float:
-        model.eval()
-        blocks = self.data.validation_blocks
-        total = sum(model(input_ids=b, labels=b).loss.item() * len(b) for b in blocks.split(64))
-        return total / len(blocks)
-
-    def score_expert_choice(self, folder: Path) -> list[dict]:
-        """Validation loss of the upcycled model (step 0) and of every saved checkpoint, with each inference
-        routing: ``threshold`` (causal, what generation uses) and ``expert_choice`` (as in training)."""
-        from transformers import AutoModelForCausalLM, LlamaForCausalLM
-
-        from hf_moe import upcycle_model
-
-        cached = folder / "routing_scores.json"
+        run = self.folder / folder
+        cached = run / SCORES
         if cached.is_file():
             return json.loads(cached.read_text())
-        rows = []
-        dense = LlamaForCausalLM.from_pretrained(self.dense, dtype=torch.float32)
-        upcycled = upcycle_model(
-            dense,
-            routing=EXPERT_CHOICE.routing,
-            num_experts=EXPERT_CHOICE.experts,
-            moe_layers=EXPERT_CHOICE.layers,
-            capacity_factor=float(EXPERT_CHOICE.capacity),
-            seed=EXPERT_CHOICE.seed,
-        )
-        sources = [(0, upcycled)]
-        for checkpoint in sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
-            sources.append((int(checkpoint.name.split("-")[1]), checkpoint))
-        for step, source in sources:
-            row = {"step": step}
-            for mode in ("threshold", "expert_choice"):
-                if isinstance(source, Path):
-                    model = AutoModelForCausalLM.from_pretrained(source, inference_routing=mode, dtype=torch.float32)
-                else:
-                    model = source
-                    model.config.inference_routing = mode
-                    for module in model.modules():
-                        if hasattr(module, "inference_routing"):
-                            module.inference_routing = mode
-                row[mode] = self.validation_loss(model)
-            rows.append(row)
-        cached.write_text(json.dumps(rows, indent=1))
-        return rows
-
-
-def overfitting_variants(moe: Moe) -> dict[str, Moe]:
-    """Section 2's models, by run name."""
-    return {
-        "dense": replace(moe, dense=True),
-        "switch": moe,
-        "switch_expert_dropout0.1": replace(moe, expert_dropout=0.1),
-        "switch_expert_dropout0.4": replace(moe, expert_dropout=0.4),
-        "switch_non_moe": replace(moe, train_parameters="non_moe"),
-    }
+        spec = self.plan[folder]
+        checkpoints = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        device = "cpu" if self.size["use_cpu"] else "cuda"
+        if spec.recipe == "classification":
+            result = {"test": measures.classification_scores(checkpoints, run, self.data, device)}
+        else:
+            result = {"test_loss": measures.lm_test_losses(checkpoints, run, self.data.test_blocks, device)}
+            if not spec.moe.dense:
+                result["router"] = measures.router_statistics(run, self.data.test_blocks, device)
+            if spec.moe.routing == "expert_choice":
+                upcycled = measures.upcycled(self.dense_start(spec.start), EXPERT_CHOICE)
+                result["inference_routing"] = measures.inference_routing_losses(
+                    [(0, upcycled)] + [(int(c.name.split("-")[1]), c) for c in checkpoints],
+                    self.data.test_blocks,
+                    device,
+                )
+        cached.write_text(json.dumps(result, indent=1))
+        for checkpoint in checkpoints:
+            shutil.rmtree(checkpoint)
+        return result
