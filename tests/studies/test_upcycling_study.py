@@ -1,68 +1,174 @@
-"""The upcycling study's quick mode end to end (python -m studies.upcycling --quick): the pipeline, not its
-conclusions."""
+"""The upcycling study (python -m studies.upcycling): the quick pipeline end to end (not its conclusions), its
+statistics, its record of what produced a report, and that the shipped report (docs/study.md) matches the code."""
 
 import json
+import math
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-import studies.upcycling.__main__ as study_main
-from studies.upcycling import data
+import studies.upcycling.__main__ as study
+from hf_moe.compare import load_run
+from studies.upcycling import data, provenance, report, runs, stats
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def load_study():
-    return study_main
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+REGENERATE = "python -m studies.upcycling --output_dir hf_moe_study --publish docs"
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    module = load_study()
+def quick(tmp_path_factory):
     output = tmp_path_factory.mktemp("study") / "quick"
-    report = module.main(["--quick", "--output_dir", str(output)])
-    return module, output, report
+    path = study.main(["--quick", "--output_dir", str(output)])
+    return output, path, json.loads((path.parent / report.FOLDER / "results.json").read_text())
 
 
-def test_quick_study_writes_every_section_with_plots_and_tables(study):
-    module, output, report = study
-    text = report.read_text()
-    for heading in ("## 1. Upcycling", "## 2. Overfitting", "## 3. Router z-loss", "## 4. Expert Choice"):
+def test_quick_study_writes_every_section_with_plots_and_intervals(quick):
+    output, path, results = quick
+    text = path.read_text()
+    for heading in (
+        "## 1. Upcycling",
+        "## 2. Overfitting",
+        "## 3. Router z-loss",
+        "## 4. Expert Choice",
+        "## 5. Sweeps",
+    ):
         assert heading in text
-    assert "PARTIAL" not in text
+    assert "PARTIAL" not in text and results["complete"]
     for image in text.split("](")[1:]:
         name = image.split(")")[0]
-        assert (report.parent / name).read_bytes()[:8] == PNG, name
-    results = json.loads((report.parent / "results.json").read_text())
-    assert results["complete"] and set(results["upcycling"]) == {"0", "1"}
-    for seed in results["upcycling"].values():
-        # Copies of the dense MLP with renormalised top-2 gates: the upcycled model at step 0 is the dense one.
-        assert seed["moe_step0"] == pytest.approx(seed["dense_start"], abs=1e-4)
-        assert seed["flops_ratio"] > 1 and seed["dense_equal_time"] is not None
-    assert set(results["overfitting"]) == {
-        "dense",
-        "switch",
-        "switch_expert_dropout0.1",
-        "switch_expert_dropout0.4",
-        "switch_non_moe",
-    }
+        if name.endswith(".png"):
+            assert (path.parent / name).read_bytes()[:8] == PNG, name
+    size = data.QUICK
+    pairs = size["starts"] * size["seeds"]
+    assert len(results["upcycling"]) == pairs
+    for ci in results["upcycling_differences"].values():
+        assert ci["n"] == pairs and ci["low"] <= ci["mean"] <= ci["high"]
+    for row in results["upcycling"].values():
+        assert (
+            row["flops_ratio"] > 1 and row["moe_cpu_seconds_per_step"] > 0 and row["dense_equal_cpu_time"] is not None
+        )
+    # Copies of the dense MLP with renormalised top-2 gates: the upcycled model at step 0 is the dense one.
+    for start in range(size["starts"]):
+        moe = load_run(output / "runs" / f"upcycling/start{start}/switch_s0").series("eval_validation_task_loss")
+        dense = load_run(output / "runs" / f"upcycling/start{start}/dense_s0").series("eval_validation_task_loss")
+        assert moe[0] == (0, pytest.approx(dense[0][1], abs=1e-4))
+    # The z-loss section reports the logsumexp and the raw logits; logsumexp >= the largest logit >= the mean one.
+    for arm in results["zloss"]["arms"].values():
+        for lse, mean in zip(arm["rms_logsumexp"], arm["logit_mean"], strict=True):
+            assert lse >= mean
+    sweeps = results["sweeps"]["settings"]
+    assert sweeps["dropless"]["dropped_fraction"] == [0.0] * size["sweep_seeds"]
+    assert (
+        sweeps["every_layer"]["flops_ratio"] > sweeps["section 1's MoE"]["flops_ratio"] > sweeps["top1"]["flops_ratio"]
+    )
+    assert set(results["overfitting"]["runs"]) == set(runs.OVERFITTING)
+    assert results["overfitting"]["chance"] == pytest.approx(1 / size["classes"])
     assert [row["step"] for row in results["expert_choice"]] == [0, 3, 6]
-    compared = (report.parent / "compare_overfitting" / "comparison.md").read_text()
-    assert all(f"| {name}_s0 |" in compared for name in results["overfitting"])
+    assert set(results["timing"]) == {
+        "pretrain",
+        "upcycling",
+        "overfitting",
+        "zloss_high_lr",
+        "expert_choice",
+        "sweeps",
+    }
 
 
-def test_finished_study_is_kept_unless_overwrite_and_report_only_rewrites_the_report(study):
-    module, output, report = study
+def test_the_report_records_the_code_and_the_configuration_that_produced_it(quick):
+    _, _, results = quick
+    record = results["provenance"]
+    files = record["code_files"]
+    for name in ("studies/upcycling/runs.py", "recipes/finetune_clm.py", "hf_moe/modeling/modeling_moe.py"):
+        assert name in files
+    assert record["code_sha256"] == provenance.code_identity(files)
+    assert record["code_sha256"] != provenance.code_identity(files[1:])  # a file fewer: another identity
+    assert record["configuration"] == json.loads(json.dumps(runs.configuration(data.sizes(quick=True, scale=False))))
+    assert record["configuration_sha256"] == provenance.configuration_identity(record["configuration"])
+
+
+def test_shipped_report_matches_the_code():
+    """A stale docs/study.md (older code or another configuration than the study would run now) fails here."""
+    results = json.loads((DOCS / "study" / "results.json").read_text())
+    assert "provenance" in results, (
+        f"docs/study/results.json records no provenance: the report predates the code; regenerate it with {REGENERATE}"
+    )
+    record = results["provenance"]
+    configuration = runs.configuration(data.sizes(**record["mode"]))
+    assert record["configuration"] == json.loads(json.dumps(configuration)), (
+        f"docs/study.md was made with another configuration than the study runs now; regenerate it with {REGENERATE}"
+    )
+    assert record["code_sha256"] == provenance.code_identity(record["code_files"]), (
+        f"docs/study.md was made by other code than ships (commit {record['git_commit']}); regenerate it with "
+        f"{REGENERATE}"
+    )
+
+
+def test_finished_study_is_kept_unless_overwrite_and_report_only_rewrites_the_report(quick):
+    output, path, _ = quick
     with pytest.raises(SystemExit, match="holds a finished study; pass --overwrite"):
-        module.main(["--quick", "--output_dir", str(output)])
-    report.write_text("stale")
-    assert module.main(["--quick", "--output_dir", str(output), "--report_only"]) == report
-    assert report.read_text().startswith("# hf_moe study (quick mode")
+        study.main(["--quick", "--output_dir", str(output)])
+    path.write_text("stale")
+    assert study.main(["--quick", "--output_dir", str(output), "--report_only"]) == path
+    assert path.read_text().startswith("# hf_moe upcycling study (quick mode")
 
 
-def test_runs_of_other_sizes_are_not_mixed(tmp_path):
-    module = load_study()
+def test_publish_replaces_the_previous_report_only_when_complete(quick, tmp_path):
+    _, path, results = quick
+    docs = tmp_path / "docs"
+    (docs / "study").mkdir(parents=True)
+    (docs / "study" / "old.png").write_bytes(b"old")
+    (docs / "study.md").write_text("old")
+    report.publish(path, docs)
+    assert (docs / "study.md").read_text() == path.read_text()
+    assert json.loads((docs / "study" / "results.json").read_text())["provenance"] == results["provenance"]
+    assert not (docs / "study" / "old.png").exists() and not list(docs.glob(".study*"))
+
+
+def test_runs_of_other_sizes_are_not_mixed(tmp_path, monkeypatch):
     (tmp_path / "study_sizes.json").write_text(json.dumps({**data.QUICK, "seeds": 5}))
     with pytest.raises(SystemExit, match="holds runs of a study with other sizes"):
-        module.main(["--quick", "--output_dir", str(tmp_path)])
+        study.main(["--quick", "--output_dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="--report_only: .* holds no finished study runs"):
-        module.main(["--quick", "--output_dir", str(tmp_path / "empty"), "--report_only"])
+        study.main(["--quick", "--output_dir", str(tmp_path / "empty"), "--report_only"])
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(SystemExit) as error:
+        study.main(["--scale", "--output_dir", str(tmp_path / "scale")])
+    assert error.value.code == 2 and not (tmp_path / "scale").exists()
+
+
+def test_every_recipe_option_comes_from_one_function():
+    argv = runs.recipe_argv("start", replace(runs.SWITCH, dense=True, top_k=None), {"train_file": "t"}, {"seed": 3})
+    options = dict(zip(argv[::2], argv[1::2], strict=True))
+    assert options["--dense_control"] == "true" and options["--upcycle_routing"] == "switch"
+    assert "--upcycle_num_experts_per_tok" not in options and "--train_parameters" not in options
+    assert options["--train_file"] == "t" and options["--seed"] == "3" and options["--model_name_or_path"] == "start"
+    # The plan is a function of the sizes; every run has a unique folder and a command line.
+    plan = runs.plan(data.FULL)
+    assert len({spec.folder for spec in plan}) == len(plan)
+    assert sum(spec.pretrain for spec in plan) == data.FULL["starts"]
+
+
+def test_scale_sizes_reach_100m_parameters():
+    s = data.SCALE
+    per_layer = 4 * s["hidden_size"] ** 2 + 3 * s["hidden_size"] * s["intermediate_size"]
+    assert s["layers"] * per_layer + s["vocab_size"] * s["hidden_size"] >= 100e6
+    assert s["bf16"] and not s["use_cpu"] and s["recursive"]
+
+
+def test_paired_interval_is_students_t():
+    ci = stats.paired([3.0, 5.0, 7.0], [2.0, 3.0, 4.0])  # differences 1, 2, 3
+    half = 4.303 * 1.0 / math.sqrt(3)
+    assert ci["mean"] == pytest.approx(2.0) and ci["low"] == pytest.approx(2 - half, abs=1e-3)
+    assert not ci["excludes_zero"] and stats.interval([1.9, 2.0, 2.1])["excludes_zero"]
+    assert stats.interval([1.0])["low"] is None and stats.t_975(40) == pytest.approx(2.021, abs=0.003)
+    rows = stats.band([[(0, 1.0), (1, 2.0)], [(0, 3.0), (1, 2.0), (2, 9.0)]])
+    assert [r[:2] for r in rows] == [(0, 2.0), (1, 2.0)]
+
+
+@pytest.mark.slow
+def test_quick_scale_study_runs_the_scale_code_path_at_toy_size(tmp_path):
+    path = study.main(["--quick", "--scale", "--output_dir", str(tmp_path)])
+    results = json.loads((path.parent / report.FOLDER / "results.json").read_text())
+    assert results["complete"] and results["provenance"]["mode"] == {"quick": True, "scale": True}
