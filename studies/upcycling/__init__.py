@@ -1,32 +1,45 @@
-"""Study: does upcycling pay off, and do the regularisers do what the papers say? Dense controls, seeds, plots.
+"""Study: does upcycling pay off, and do the regularisers do what the papers say? Dense controls, paired seeds, CIs.
 
-    python -m studies.upcycling --output_dir hf_moe_study            # full study, from the repository root
-    python -m studies.upcycling --output_dir /tmp/study --quick      # pipeline check, under 2 minutes
+    python -m studies.upcycling --output_dir hf_moe_study --publish docs   # full study (CPU), then docs/study.md
+    python -m studies.upcycling --output_dir /tmp/study --quick            # pipeline check, about 2 minutes
+    python -m studies.upcycling --output_dir hf_moe_scale --scale          # >= 100M parameters, one CUDA GPU
 
-Offline, on CPU, on the Python standard library's own sources (``data.py``, as ``recipes/demo.py``). Every model
-trains through the recipes (``finetune_clm.main`` / ``finetune_classification.main``, run in this
-process); the study only prepares data, scores saved checkpoints and writes the report
-(``report/README.md``, tables and PNG plots, the per-section overlays made with `hf_moe.compare`).
+Run from the repository root (the study imports ``recipes.finetune_clm`` and ``recipes.finetune_classification``
+and trains every model through their ``main(argv)``, in this process). Offline, on the Python standard library's
+own sources. Expected run time: full about 80 minutes on 2 idle cores (12,100 dense-step equivalents at the 0.43 s
+per step the previous full study measured; longer on a busy machine: set ``OMP_NUM_THREADS=1`` there, since
+spinning OpenMP threads inflate the CPU time the report uses); quick about 1 minute idle (2 minutes on a shared
+machine); scale an estimated 3 to 5 hours on one H200 (see `data.SCALE`). The report lists the measured time of
+each section.
 
-0. A small dense llama LM is pre-trained on the training files (the CLM recipe's dense control).
-1. Upcycling vs dense continuation: the upcycled Switch MoE (8 experts, renormalised top-2, every
-   other layer) and the dense model, fine-tuned from the same start on the same data and schedule
-   (constant learning rate after warm-up, so an intermediate evaluation is a fair "stop here"), for
-   several seeds. Compared at equal steps and at equal compute: the dense run goes on for longer and
-   is read at the MoE's measured training time and at its training FLOPs.
-2. Overfitting regime: classify source snippets by the module they come from, with a small training
-   set for many epochs. Dense, upcycled MoE, expert dropout 0.1 / 0.4, and training only the
-   non-MoE parameters (ST-MoE's fine-tuning recommendation). Train/validation curves and gap.
-3. Router z-loss 0 vs 1e-3 (the runs of 1 with the coefficient set to 0, and one pair at a high
-   learning rate): quality, router logit magnitude (RMS of the logsumexp, the z-loss's square
-   root), loss spikes and gradient norm.
-4. Expert Choice: the upcycled model's saved checkpoints scored with causal threshold routing and
-   with training-mode (non-causal, whole-sequence) routing, against the training length.
+Protocol: ``starts`` dense llama models are each initialised and pre-trained with their own seed (0); from each,
+``seeds`` fine-tuning seeds (data order, router initialisation). Every comparison is paired (same start and seed):
+the mean difference with its 95% Student-t interval. Validation chooses (learning rates, checkpoints); the test
+split reports.
 
-Layout: ``data.py`` (sizes, the local data), ``runs.py`` (one function per kind of run; every recipe option
-in ``recipe_argv``), ``sections.py`` (each section's numbers and figures from the runs), ``report.py`` (the
-report, results.json) and ``__main__.py`` (the command line).
+1. Upcycling vs dense continuation (Switch, 8 experts, renormalised top-2, every other layer) at equal steps, at
+   the MoE's training FLOPs and at its in-process CPU time; dropped token-expert pairs.
+2. Overfitting regime: classify source snippets by module (chance 1/classes); dense, MoE, expert dropout
+   0 / 0.1 / 0.2 / 0.4, training all / non-MoE / router parameters. A default departs from the paper's value only
+   where the interval of the difference excludes zero (`sections.recommendation`).
+3. Router z-loss 1e-3 vs 0: test loss, the logsumexp the z-loss acts on and the raw logit statistics (RMS, mean,
+   max |logit|, spread across experts), dropped pairs; a stress pair at a high learning rate.
+4. Expert Choice: checkpoints scored with causal threshold routing and with training-mode routing.
+5. Sweeps at equal FLOPs: learning rate x0.5 / x1 / x2 per arm, top-1 vs top-2, 4 / 8 / 16 experts, capacity
+   1.0 / 1.25 / 2.0 / dropless, every layer vs every other layer. Micro vs global batch balancing is not run: the
+   study trains in one process, where the two coincide.
 
-An interrupted study resumes: running the command again reuses the finished runs. A finished study
-(its report written) is kept unless ``--overwrite``, which starts over.
+``--scale`` runs the same protocol at >= 100M parameters (llama, hidden 768, 12 layers) on the whole standard
+library with bf16 autocast. hf_moe computes router logits in float32 whatever the autocast (ST-MoE's selective
+precision), so the scale mode tests the z-loss at bf16 training, not a bf16 router; ``--quick --scale`` runs its
+code path at toy size on CPU.
+
+Layout: ``data.py`` (sizes, the local data), ``runs.py`` (the plan of every run; every recipe option in
+``recipe_argv``), ``measures.py`` (test split, router logits, inference routings on saved models), ``stats.py``
+(paired intervals, bands), ``sections.py`` (each section's numbers and figures), ``provenance.py`` (what produced
+a report), ``report.py`` (``study.md``, ``study/results.json``, figures; `report.publish`) and ``__main__.py``.
+
+An interrupted study resumes: running the command again reuses the finished runs. A finished study (its report
+written) is kept unless ``--overwrite``, which starts over. ``tests/studies/test_upcycling_study.py`` fails when
+``docs/study.md`` no longer matches the code or the configuration (the code's hash is recorded in the report).
 """

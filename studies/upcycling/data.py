@@ -55,7 +55,7 @@ FULL = {
     "validation_per_class": 32,
     "test_per_class": 48,
     "cls_max_length": 128,
-    "epochs": 8,
+    "epochs": 6,
     "cls_batch": 16,
     "cls_lr": 1e-3,
     "cls_seeds": 3,  # on start 0
@@ -166,6 +166,8 @@ def split_sources(size: dict) -> dict[str, list[str]]:
     used = dict.fromkeys(splits, 0)
     for index, path in enumerate(stdlib_files(size["recursive"])):
         name = "train" if index % 8 else ("validation" if index % 16 == 0 else "test")
+        if used[name] >= budgets[name]:
+            continue
         text = path.read_text(encoding="utf-8", errors="replace")
         if used[name] + len(text) <= budgets[name]:
             splits[name].append(text)

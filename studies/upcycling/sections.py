@@ -335,7 +335,9 @@ def section_zloss(runs: Runs, figures: Path, lines: list[str], results: dict) ->
         "eq. 5) is the mean over tokens of the squared logsumexp of the router logits, so it acts on the "
         "logsumexp: it can be lowered by shifting all of a token's logits down, which changes neither the softmax "
         "nor the top-k choice, as well as by shrinking them. Hence both the logsumexp and the raw logits are "
-        "reported, measured on the test split with each final model (every MoE layer's tokens together).",
+        "reported, measured on the test split with each final model (every MoE layer's tokens together). "
+        f"Training precision: {'bf16 autocast' if s['bf16'] else 'float32'}; hf_moe computes the router logits in "
+        "float32 in either case (ST-MoE's selective precision), so this is not a test of a bf16 router.",
         "",
         "| | z-loss 1e-3 | z-loss 0 | difference (95% CI) |",
         "|---|---|---|---|",
