@@ -1,10 +1,13 @@
 """What produced a report: the code's identity and the resolved configuration, written into ``results.json``.
 
-``code``: a SHA-256 over the repository's source files that the study had imported when it wrote the report (the
-study, the recipes and the hf_moe modules they load), each hashed with its path, so any edit to one of them, a
-moved or deleted file, makes the recorded hash differ from `code_identity` of the shipped code. ``configuration``:
-the sizes and every planned run's recipe command line (paths relative to the study folder), hashed too.
-``git_commit`` is for people; the hashes are what `tests/studies/test_upcycling_study.py` compares.
+The code is the repository's source files that the study imports (the study, the recipes and the hf_moe modules they
+load), each hashed with its path. Every run records the digest of each such file loaded when it finished training
+and being scored (``study_code.json``); the report compares them with the files at report time, so runs from older
+code, or a report rewritten (``--report_only``) by newer code, show as ``runs_match_code: false`` with the files that
+differ. ``code_sha256`` hashes the files at report time, so an edit to one of them, a moved or a deleted file, makes
+it differ from `code_identity` of the shipped code. ``configuration``: the sizes and every planned run's recipe
+command line (paths relative to the study folder). ``git_commit`` is for people; the hashes are what
+``tests/studies/test_upcycling_study.py`` compares.
 """
 
 import hashlib
@@ -30,6 +33,15 @@ def loaded_sources() -> list[str]:
             if relative.parts[0] in TRACKED:
                 paths.add(relative.as_posix())
     return sorted(paths)
+
+
+def file_digests(files: list[str]) -> dict[str, str]:
+    """{repository-relative path: SHA-256 of its bytes, or "<missing>"}."""
+    digests = {}
+    for name in files:
+        path = REPOSITORY / name
+        digests[name] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "<missing>"
+    return digests
 
 
 def code_identity(files: list[str]) -> str:
@@ -59,11 +71,16 @@ def git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
-def provenance(configuration: dict) -> dict:
-    files = loaded_sources()
+def provenance(configuration: dict, run_digests: list[dict[str, str]]) -> dict:
+    """The record for a report whose runs recorded ``run_digests`` (each run's `file_digests`)."""
+    files = sorted(set(loaded_sources()).union(*run_digests))
+    now = file_digests(files)
+    differ = sorted({name for digests in run_digests for name, digest in digests.items() if now[name] != digest})
     return {
         "code_sha256": code_identity(files),
         "code_files": files,
+        "runs_match_code": not differ,
+        "files_changed_since_the_runs": differ,
         "configuration_sha256": configuration_identity(configuration),
         "configuration": configuration,
         "git_commit": git_commit(),

@@ -108,12 +108,16 @@ def write_report(runs: Runs, quick: bool, scale: bool) -> Path:
             f"![{section}]({FOLDER}/compare_{section}/loss_curves.png)",
             "",
         ]
+    record = provenance(configuration(s), runs.run_digests())  # last: every module the report used is loaded
+    record["mode"] = {"quick": quick, "scale": scale}
+    if not record["runs_match_code"]:
+        changed = ", ".join(record["files_changed_since_the_runs"])
+        lines[2:2] = [f"**WARNING: the runs were made by other code than this report's** (changed: {changed}).", ""]
     # Figures are referenced from study.md, one folder down.
     text = "\n".join(lines)
     for png in figures.glob("*.png"):
         text = text.replace(f"]({png.name})", f"]({FOLDER}/{png.name})")
-    results["provenance"] = provenance(configuration(s))
-    results["provenance"]["mode"] = {"quick": quick, "scale": scale}
+    results["provenance"] = record
     (figures / "results.json").write_text(json.dumps(results, indent=1, default=str))
     (target / REPORT).write_text(text)
     return target / REPORT

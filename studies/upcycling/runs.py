@@ -21,6 +21,7 @@ from .data import StudyData
 
 FINISHED = "finetune_config.yaml"  # written last by a recipe run
 RUN_SECONDS = "study_seconds.txt"  # wall time of the whole run (loading, training, evaluations, saving)
+RUN_CODE = "study_code.json"  # the digests of the source files loaded when the run was trained and scored
 SCORES = "study_scores.json"  # what the study scored on the run's checkpoints (cached; the checkpoints are removed)
 
 
@@ -380,10 +381,20 @@ class Runs:
         return folder
 
     def train_all(self) -> None:
+        from .provenance import file_digests, loaded_sources
+
         for spec in self.plan.values():
+            folder = self.folder / spec.folder
+            if (folder / RUN_CODE).is_file():
+                print(f"[study] reusing {spec.folder}")
+                continue
             self.train(spec)
             if not spec.pretrain:
                 self.scores(spec.folder)
+            (folder / RUN_CODE).write_text(json.dumps(file_digests(loaded_sources()), indent=1))
+
+    def run_digests(self) -> list[dict[str, str]]:
+        return [json.loads(p.read_text()) for p in sorted(self.folder.glob(f"**/{RUN_CODE}"))]
 
     def finished(self, folder: str) -> bool:
         return (self.folder / folder / FINISHED).is_file()

@@ -3,6 +3,7 @@ statistics, its record of what produced a report, and that the shipped report (d
 
 import json
 import math
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -86,6 +87,22 @@ def test_the_report_records_the_code_and_the_configuration_that_produced_it(quic
     assert record["code_sha256"] != provenance.code_identity(files[1:])  # a file fewer: another identity
     assert record["configuration"] == json.loads(json.dumps(runs.configuration(data.sizes(quick=True, scale=False))))
     assert record["configuration_sha256"] == provenance.configuration_identity(record["configuration"])
+    assert record["runs_match_code"] and record["files_changed_since_the_runs"] == []
+
+
+def test_a_report_rewritten_by_other_code_than_made_the_runs_says_so(quick, tmp_path):
+    output, path, _ = quick
+    copy = tmp_path / "quick"
+    shutil.copytree(output, copy)
+    recorded = copy / "runs" / "upcycling" / "start0" / "switch_s0" / runs.RUN_CODE
+    digests = json.loads(recorded.read_text())
+    digests["studies/upcycling/sections.py"] = "0" * 64  # as if sections.py changed after this run
+    recorded.write_text(json.dumps(digests))
+    rewritten = study.main(["--quick", "--output_dir", str(copy), "--report_only"])
+    record = json.loads((rewritten.parent / report.FOLDER / "results.json").read_text())["provenance"]
+    assert not record["runs_match_code"]
+    assert record["files_changed_since_the_runs"] == ["studies/upcycling/sections.py"]
+    assert "WARNING: the runs were made by other code" in rewritten.read_text()
 
 
 def test_shipped_report_matches_the_code():
@@ -95,6 +112,10 @@ def test_shipped_report_matches_the_code():
         f"docs/study/results.json records no provenance: the report predates the code; regenerate it with {REGENERATE}"
     )
     record = results["provenance"]
+    assert record["runs_match_code"], (
+        f"docs/study.md was written from runs of other code ({record['files_changed_since_the_runs']}); regenerate it "
+        f"with {REGENERATE}"
+    )
     configuration = runs.configuration(data.sizes(**record["mode"]))
     assert record["configuration"] == json.loads(json.dumps(configuration)), (
         f"docs/study.md was made with another configuration than the study runs now; regenerate it with {REGENERATE}"
