@@ -82,14 +82,15 @@ def router_statistics(run: Path, blocks: torch.Tensor, device: str, batch_size: 
 
 
 @torch.no_grad()
-def classification_scores(checkpoints: list[Path], run: Path, data: StudyData, device: str) -> dict[str, dict]:
-    """{step: {"loss", "accuracy"}} on the test snippets, for every checkpoint and the final model."""
+def classification_scores(
+    checkpoints: list[Path], run: Path, data: StudyData, device: str, max_length: int
+) -> dict[str, dict]:
+    """{step: {"loss", "accuracy"}} on the test snippets (cut to ``max_length`` tokens, as the recipe cuts the
+    training and validation ones), for every checkpoint and the final model."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     rows = [json.loads(line) for line in (data.folder / "cls_test.jsonl").read_text().splitlines()]
     tokenizer = AutoTokenizer.from_pretrained(run)
-    settings = json.loads((run / "config.json").read_text())
-    max_length = settings.get("max_position_embeddings", 512)
     scores = {}
     for step, source in _sources(checkpoints, run):
         model = AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32).to(device).eval()

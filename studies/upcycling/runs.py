@@ -193,106 +193,52 @@ def plan(size: dict) -> list[RunSpec]:
     """Every run of the study, in the order they train: one seed of everything first, so an interrupted study
     already has every section."""
     s, runs = size, []
+
+    def lm(folder: str, start: int, moe: Moe, steps: int, **extra) -> None:
+        runs.append(RunSpec(folder, "clm", start, moe, clm_training(s, moe.seed, steps, **extra)))
+
     for start in range(s["starts"]):
-        training = clm_training(
-            s,
-            start,
-            s["pretrain_steps"],
-            learning_rate=s["pretrain_lr"],
-            lr_scheduler_type="cosine",
-            warmup_steps=10,
-            eval_steps=s["pretrain_steps"],
-            eval_on_start=False,
-            train_eval_samples=0,
-            save_strategy="no",
-        )
+        training = clm_training(s, start, s["pretrain_steps"], learning_rate=s["pretrain_lr"])
         del training["save_steps"], training["save_only_model"]
-        runs.append(RunSpec(f"pretrain/start{start}", "clm", start, replace(SWITCH, dense=True), training, True))
+        training.update(lr_scheduler_type="cosine", warmup_steps=10, eval_steps=s["pretrain_steps"])
+        training.update(eval_on_start=False, train_eval_samples=0, save_strategy="no")
+        dense = replace(SWITCH, dense=True, seed=start)
+        runs.append(RunSpec(f"pretrain/start{start}", "clm", start, dense, training, pretrain=True))
     for seed in range(max(s["seeds"], s["cls_seeds"], s["sweep_seeds"])):
+        moe = replace(SWITCH, seed=seed)
         for start in range(s["starts"]):
             if seed < s["seeds"]:
-                moe = replace(SWITCH, seed=seed)
-                folder = f"upcycling/start{start}"
-                runs.append(
-                    RunSpec(
-                        f"{folder}/dense_s{seed}",
-                        "clm",
-                        start,
-                        replace(moe, dense=True),
-                        clm_training(s, seed, dense_steps(s)),
-                    )
-                )
-                runs.append(RunSpec(f"{folder}/switch_s{seed}", "clm", start, moe, clm_training(s, seed, s["steps"])))
-                runs.append(
-                    RunSpec(
-                        f"{folder}/switch_zloss0_s{seed}",
-                        "clm",
-                        start,
-                        replace(moe, z_loss=0.0),
-                        clm_training(s, seed, s["steps"]),
-                    )
-                )
+                lm(f"upcycling/start{start}/dense_s{seed}", start, replace(moe, dense=True), dense_steps(s))
+                lm(f"upcycling/start{start}/switch_s{seed}", start, moe, s["steps"])
+                lm(f"upcycling/start{start}/switch_zloss0_s{seed}", start, replace(moe, z_loss=0.0), s["steps"])
             if seed == 0:
-                runs.append(
-                    RunSpec(
-                        f"expert_choice/start{start}/expert_choice_c2_s0",
-                        "clm",
-                        start,
-                        EXPERT_CHOICE,
-                        clm_training(s, 0, s["ec_steps"]),
-                    )
-                )
+                lm(f"expert_choice/start{start}/expert_choice_c2_s0", start, EXPERT_CHOICE, s["ec_steps"])
         if seed < s["cls_seeds"]:
-            moe = replace(SWITCH, seed=seed, backbone_dropout=0.1)
             for name, change in OVERFITTING.items():
-                runs.append(
-                    RunSpec(
-                        f"overfitting/{name}_s{seed}",
-                        "classification",
-                        0,
-                        replace(moe, **change),
-                        classification_training(s, seed),
-                    )
-                )
+                variant = replace(moe, backbone_dropout=0.1, **change)
+                training = classification_training(s, seed)
+                runs.append(RunSpec(f"overfitting/{name}_s{seed}", "classification", 0, variant, training))
         if seed < s["sweep_seeds"]:
-            moe = replace(SWITCH, seed=seed)
             for name, change in SWEEPS.items():
-                runs.append(
-                    RunSpec(
-                        f"sweeps/{name}_s{seed}", "clm", 0, replace(moe, **change), clm_training(s, seed, s["steps"])
-                    )
-                )
+                lm(f"sweeps/{name}_s{seed}", 0, replace(moe, **change), s["steps"])
             for factor in s["lr_factors"]:
-                if factor == 1.0:
-                    continue  # section 1's runs
-                lr = s["learning_rate"] * factor
-                runs.append(
-                    RunSpec(
+                if factor != 1.0:  # x1: section 1's runs
+                    lr = s["learning_rate"] * factor
+                    lm(
                         f"sweeps/dense_lr{factor:g}_s{seed}",
-                        "clm",
                         0,
                         replace(moe, dense=True),
-                        clm_training(s, seed, dense_steps(s), learning_rate=lr),
+                        dense_steps(s),
+                        learning_rate=lr,
                     )
-                )
-                runs.append(
-                    RunSpec(
-                        f"sweeps/switch_lr{factor:g}_s{seed}",
-                        "clm",
-                        0,
-                        moe,
-                        clm_training(s, seed, s["steps"], learning_rate=lr),
-                    )
-                )
+                    lm(f"sweeps/switch_lr{factor:g}_s{seed}", 0, moe, s["steps"], learning_rate=lr)
             for name, coef in (("switch", 1e-3), ("switch_zloss0", 0.0)):
-                runs.append(
-                    RunSpec(
-                        f"zloss_high_lr/{name}_s{seed}",
-                        "clm",
-                        0,
-                        replace(moe, z_loss=coef),
-                        clm_training(s, seed, s["steps"], learning_rate=s["stress_lr"]),
-                    )
+                lm(
+                    f"zloss_high_lr/{name}_s{seed}",
+                    0,
+                    replace(moe, z_loss=coef),
+                    s["steps"],
+                    learning_rate=s["stress_lr"],
                 )
     return runs
 
@@ -415,7 +361,9 @@ class Runs:
         checkpoints = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         device = "cpu" if self.size["use_cpu"] else "cuda"
         if spec.recipe == "classification":
-            result = {"test": measures.classification_scores(checkpoints, run, self.data, device)}
+            result = {
+                "test": measures.classification_scores(checkpoints, run, self.data, device, self.size["cls_max_length"])
+            }
         else:
             result = {"test_loss": measures.lm_test_losses(checkpoints, run, self.data.test_blocks, device)}
             if not spec.moe.dense:
