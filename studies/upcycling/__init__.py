@@ -6,8 +6,8 @@
 
 Run from the repository root (the study imports ``recipes.finetune_clm`` and ``recipes.finetune_classification``
 and trains every model through their ``main(argv)``, in this process). Offline, on the Python standard library's
-own sources. Expected run time, full: about 90 minutes on 2 idle cores (12,100 dense-step equivalents at the
-0.43 s per step the previous full study measured: pre-training 4 minutes, upcycling 18, Expert Choice 2,
+own sources. Expected run time, full: about 90 minutes on 2 idle cores (12,360 dense-step equivalents at the
+0.43 s per step the previous full study measured: pre-training 4 minutes, upcycling 18, Expert Choice 4,
 overfitting 24, sweeps 33, z-loss stress 6, plus scoring); longer on a busy machine, where ``OMP_NUM_THREADS=1`` is
 better (spinning OpenMP threads inflate the CPU time the report uses). Quick: about 1 minute idle, 2 on a shared
 machine. Scale: an estimated 3 to 5 hours on one H200 (not measured; see `data.SCALE`). The report lists the

@@ -48,6 +48,7 @@ FULL = {
     "sweep_seeds": 3,  # sweeps: start 0 with these seeds
     "lr_factors": [0.5, 1.0, 2.0],
     "ec_steps": 100,
+    "ec_seeds": 2,  # Expert Choice: fine-tuning seeds per start
     # classification (section 2)
     "classes": 4,
     "snippet_lines": 16,
@@ -82,6 +83,7 @@ QUICK = {
     "seeds": 2,
     "sweep_seeds": 2,
     "ec_steps": 6,
+    "ec_seeds": 1,
     "classes": 3,
     "snippet_lines": 8,
     "train_per_class": 8,

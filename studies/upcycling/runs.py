@@ -204,15 +204,16 @@ def plan(size: dict) -> list[RunSpec]:
         training.update(eval_on_start=False, train_eval_samples=0, save_strategy="no")
         dense = replace(SWITCH, dense=True, seed=start)
         runs.append(RunSpec(f"pretrain/start{start}", "clm", start, dense, training, pretrain=True))
-    for seed in range(max(s["seeds"], s["cls_seeds"], s["sweep_seeds"])):
+    for seed in range(max(s["seeds"], s["ec_seeds"], s["cls_seeds"], s["sweep_seeds"])):
         moe = replace(SWITCH, seed=seed)
         for start in range(s["starts"]):
             if seed < s["seeds"]:
                 lm(f"upcycling/start{start}/dense_s{seed}", start, replace(moe, dense=True), dense_steps(s))
                 lm(f"upcycling/start{start}/switch_s{seed}", start, moe, s["steps"])
                 lm(f"upcycling/start{start}/switch_zloss0_s{seed}", start, replace(moe, z_loss=0.0), s["steps"])
-            if seed == 0:
-                lm(f"expert_choice/start{start}/expert_choice_c2_s0", start, EXPERT_CHOICE, s["ec_steps"])
+            if seed < s["ec_seeds"]:
+                ec = replace(EXPERT_CHOICE, seed=seed)
+                lm(f"expert_choice/start{start}/expert_choice_c2_s{seed}", start, ec, s["ec_steps"])
         if seed < s["cls_seeds"]:
             for name, change in OVERFITTING.items():
                 variant = replace(moe, backbone_dropout=0.1, **change)
@@ -369,7 +370,7 @@ class Runs:
             if not spec.moe.dense:
                 result["router"] = measures.router_statistics(run, self.data.test_blocks, device)
             if spec.moe.routing == "expert_choice":
-                upcycled = measures.upcycled(self.dense_start(spec.start), EXPERT_CHOICE)
+                upcycled = measures.upcycled(self.dense_start(spec.start), spec.moe)
                 result["inference_routing"] = measures.inference_routing_losses(
                     [(0, upcycled)] + [(int(c.name.split("-")[1]), c) for c in checkpoints],
                     self.data.test_blocks,

@@ -397,9 +397,9 @@ def section_zloss(runs: Runs, figures: Path, lines: list[str], results: dict) ->
 # ---- 4. Expert Choice ---------------------------------------------------------------------------------------
 def section_expert_choice(runs: Runs, figures: Path, lines: list[str], results: dict) -> None:
     s = runs.size
-    folder = "expert_choice/start{start}/expert_choice_c2_s0"
-    done = [k for k, _ in pairs(runs, [folder], range(s["starts"]), [0])]
-    scored = {k: runs.scores(folder.format(start=k))["inference_routing"] for k in done}
+    folder = "expert_choice/start{start}/expert_choice_c2_s{seed}"
+    done = pairs(runs, [folder], range(s["starts"]), range(s["ec_seeds"]))
+    scored = {k: runs.scores(folder.format(start=k[0], seed=k[1]))["inference_routing"] for k in done}
     steps = sorted(set.intersection(*(set(r["step"] for r in rows) for rows in scored.values()))) if scored else []
     table = []
     for step in steps:
@@ -412,12 +412,13 @@ def section_expert_choice(runs: Runs, figures: Path, lines: list[str], results: 
     lines += [
         "## 4. Expert Choice: causal threshold scoring vs training-mode scoring",
         "",
-        f"Each dense start ({len(done)}) upcycled into Expert Choice (8 experts, capacity factor c = 2, every other "
-        f"layer, z-loss 1e-3) and fine-tuned {s['ec_steps']} steps with section 1's schedule; each checkpoint scored "
-        "on the test split twice: `threshold` routing (causal: a token goes to each expert whose running score "
-        "threshold it passes; what generation uses) and `expert_choice` routing (as in training: each expert takes "
-        "its top c*n/E tokens of the whole sequence, which looks at future tokens). Step 0 is the upcycled model "
-        "before training, whose thresholds are still 0 (every token goes to every expert).",
+        f"Each dense start upcycled into Expert Choice ({len(done)} starts x seeds; 8 experts, capacity factor "
+        f"c = 2, every other layer, z-loss 1e-3) and fine-tuned {s['ec_steps']} steps with section 1's schedule; "
+        "each checkpoint scored on the test split twice: `threshold` routing (causal: a token goes to each expert "
+        "whose running score threshold it passes; what generation uses) and `expert_choice` routing (as in "
+        "training: each expert takes its top c*n/E tokens of the whole sequence, which looks at future tokens). "
+        "Step 0 is the upcycled model before training, whose thresholds are still 0 (every token goes to every "
+        "expert).",
         "",
         "| step | threshold (causal) loss | expert_choice (training-mode) loss | threshold - expert_choice (95% CI) |",
         "|---|---|---|---|",
