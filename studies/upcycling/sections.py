@@ -60,7 +60,7 @@ def loss_spikes(run, key: str = "task_loss", ratio: float = 1.1) -> int:
     return spikes
 
 
-def test_points(runs: Runs, folder: str) -> list[tuple[int, float]]:
+def scored_test_losses(runs: Runs, folder: str) -> list[tuple[int, float]]:
     return sorted((int(step), loss) for step, loss in runs.scores(folder)["test_loss"].items())
 
 
@@ -70,7 +70,7 @@ def lm_pair(runs: Runs, moe_folder: str, dense_folder: str) -> dict:
     s = runs.size
     moe, dense = load_run(runs.folder / moe_folder), load_run(runs.folder / dense_folder)
     steps = s["steps"]
-    moe_test, dense_test = dict(test_points(runs, moe_folder)), test_points(runs, dense_folder)
+    moe_test, dense_test = dict(scored_test_losses(runs, moe_folder)), scored_test_losses(runs, dense_folder)
     flops_ratio = training_flops_per_token(moe, s["block"]) / training_flops_per_token(dense, s["block"])
     moe_cpu = interpolate(cpu_clock(moe), steps)
     dense_clock = dict(cpu_clock(dense))
