@@ -44,12 +44,13 @@ def test_quick_study_writes_every_section_with_plots_and_intervals(quick):
     size = data.QUICK
     pairs = size["starts"] * size["seeds"]
     assert len(results["upcycling"]) == pairs
-    for ci in results["upcycling_differences"].values():
-        assert ci["n"] == pairs and ci["low"] <= ci["mean"] <= ci["high"]
+    for key, ci in results["upcycling_differences"].items():
+        # At equal CPU time a pair counts only where the dense run's CPU clock reaches the MoE run's: on a loaded
+        # machine it may not (CPU time per step varies), and the interval then says over how many pairs it is.
+        assert ci["n"] == pairs if key != "dense_equal_cpu_time" else ci["n"] <= pairs, key
+        assert ci["n"] < 2 or ci["low"] <= ci["mean"] <= ci["high"], key
     for row in results["upcycling"].values():
-        assert (
-            row["flops_ratio"] > 1 and row["moe_cpu_seconds_per_step"] > 0 and row["dense_equal_cpu_time"] is not None
-        )
+        assert row["flops_ratio"] > 1 and row["moe_cpu_seconds_per_step"] > 0 and row["dense_cpu_seconds_per_step"] > 0
     # Copies of the dense MLP with renormalised top-2 gates: the upcycled model at step 0 is the dense one.
     for start in range(size["starts"]):
         moe = load_run(output / "runs" / f"upcycling/start{start}/switch_s0").series("eval_validation_task_loss")
