@@ -41,6 +41,7 @@ class RoutingRecord:
     assignments: Assignments  # the kept pairs, after capacity
     top_experts: torch.Tensor | None = None  # (tokens, k) token-choice picks before capacity
     capacity_scores: torch.Tensor | None = None  # (sequences, experts) expert choice: C-th largest score
+    sequence_length: int | None = None  # token choice: tokens per sequence (rows of router_logits per sequence)
 
 
 def router_logits_fp32(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
