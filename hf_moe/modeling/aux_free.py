@@ -108,9 +108,9 @@ class AuxFreeRouter(TokenChoiceRouter):
         self.bias_update_rate = config.bias_update_rate
         self.register_buffer("expert_bias", torch.zeros(self.num_experts, dtype=torch.float32, device=device))
         self.register_buffer("bias_updates", torch.zeros((), dtype=torch.long, device=device))
-        self.register_buffer(
-            "pending_load", torch.zeros(self.num_experts, dtype=torch.float32, device=device), persistent=False
-        )
+        # Not saved, so built where the backbone's unsaved buffers (rotary tables) are: on the default device,
+        # also when the weights are empty (the converter builds models under init_empty_weights).
+        self.register_buffer("pending_load", torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
 
     def reset_parameters(self, init, std: float) -> None:
         super().reset_parameters(init, std)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from backbones import VOCAB, dense_config
+from backbones import BACKBONES, VOCAB, dense_config
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
@@ -250,3 +250,22 @@ def test_bad_settings_name_the_option(capsys):
         aux_free_config(bias_update_rate=-0.1)
     assert main(["upcycle", "dense", "out", "--routing", "switch", "--bias-update-rate", "0.01"]) != 0
     assert "--bias-update-rate is not a setting of --routing switch (SwitchMoeConfig)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scoring_func", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("model_type", sorted(BACKBONES))
+def test_copy_upcycling_computes_the_dense_function_whatever_the_biases(model_type, scoring_func):
+    torch.manual_seed(0)
+    dense = AutoModelForCausalLM.from_config(dense_config(model_type)).eval()
+    with torch.no_grad():  # no weight left at exactly 0 or 1
+        for parameter in dense.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    moe = hf_moe.upcycle_model(dense, routing="aux_free", num_experts=4, moe_layers="all", scoring_func=scoring_func)
+    assert hf_moe.AuxFreeRouting.computes_dense_function(moe.config, type(moe))
+    ids = torch.randint(3, VOCAB, (2, 10))
+    with torch.no_grad():
+        expected = dense(ids).logits
+        torch.testing.assert_close(moe(ids).logits, expected, rtol=1e-5, atol=1e-5)  # step 0: biases 0
+        for block in moe.moe_blocks():  # learned biases pick other copies; the gates still sum to 1
+            block.router.expert_bias.copy_(torch.randn(4))
+        torch.testing.assert_close(moe(ids).logits, expected, rtol=1e-5, atol=1e-5)
