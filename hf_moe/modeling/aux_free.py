@@ -206,20 +206,22 @@ def _warn_if_adapter_drops_biases(model, state_dict, prefix, local_metadata) -> 
 class AuxFreeRouting(RoutingMethod):
     """Token choice balanced by selection biases instead of (or beside) an auxiliary loss.
 
-    Native counterparts: transformers' DeepSeek-V3-style MoE blocks (deepseek_v3, glm4_moe, dots1, ...)
-    select by sigmoid scores plus ``e_score_correction_bias`` and weigh by the scores alone; none pairs that
-    block with a llama/qwen3 decoder layer and hf_moe's layer layout exactly (docs/moe-reference.md,
-    "Auxiliary-loss-free balancing"), so ``hf-moe export`` refuses these checkpoints.
+    Native counterparts: transformers' DeepSeek-V3-style MoE blocks select by sigmoid score plus
+    ``e_score_correction_bias`` and weigh by the score alone, which is this block with ``scoring_func="sigmoid"``,
+    renormalised gates and dropless evaluation. Their decoder layers decide: dots1 (qwen3's attention) and
+    glm4_moe (llama's attention with ``use_qk_norm=False``, ``partial_rotary_factor=1``) place MoE layers from
+    ``first_k_dense_replace`` to the last; deepseek_v3 uses multi-head latent attention. The export is not
+    written yet (docs/moe-reference.md, "Auxiliary-loss-free balancing").
     """
 
     name = "aux_free"
     config_class = AuxFreeMoeConfig
     balancing_loss = staticmethod(sequence_balance_loss)
     no_native_counterpart = (
-        "auxiliary-loss-free routing has no exact native counterpart for hf_moe's backbones: the transformers "
-        "architectures with selection biases (deepseek_v3, glm4_moe, dots1, ...) pair them with another attention "
-        "(multi-head latent attention, partial or interleaved rotary embeddings, q/k norms on every layer) and with "
-        "MoE layers only after the first first_k_dense_replace dense ones"
+        "hf-moe export does not write auxiliary-loss-free checkpoints yet: transformers' bias-routed "
+        "architectures match only some of them (dots1 for a qwen3 backbone and glm4_moe for llama, with sigmoid "
+        "scores and MoE layers from one layer to the last; see docs/moe-reference.md) and that mapping is not "
+        "implemented"
     )
     routers_learn_state = True  # the selection biases
 
