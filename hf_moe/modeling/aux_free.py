@@ -118,6 +118,17 @@ class AuxFreeRouter(TokenChoiceRouter):
         init.zeros_(self.bias_updates)
         init.zeros_(self.pending_load)
 
+    def _apply(self, fn, recurse=True):
+        # A cast of the model (``model.to(torch.bfloat16)``, ``.half()``) moves the biases but keeps them in
+        # float32: updates of 1e-3 vanish in half precision (bfloat16 resolves 4e-3 at 1).
+        kept = {name: getattr(self, name) for name in ("expert_bias", "pending_load")}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = getattr(self, name)
+            if after.dtype != torch.float32:
+                setattr(self, name, before.to(device=after.device))
+        return self
+
     def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores = routing_scores(logits, self.scoring_func)
         # The bias steers which experts are picked (DeepSeek-V3 eq. 16), never their weight.

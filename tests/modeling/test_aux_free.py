@@ -112,7 +112,11 @@ def test_biases_are_saved_loaded_and_steer_inference(tmp_path):
     assert (out.expert_load - unbiased.expert_load).abs().max() > 0.05  # the bias picks the experts at inference
     assert not torch.allclose(out.logits, unbiased.logits)
     half = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
-    assert all(b.router.expert_bias.dtype == torch.float32 for b in half.moe_blocks())  # 1e-3 steps survive
+    cast = model_of().to(torch.bfloat16)
+    for routers in ([b.router for b in half.moe_blocks()], [b.router for b in cast.moe_blocks()]):
+        assert all(r.expert_bias.dtype == r.pending_load.dtype == torch.float32 for r in routers)  # 1e-3 steps survive
+        assert all(r.weight.dtype == torch.bfloat16 for r in routers)
+    torch.testing.assert_close(half.moe_blocks()[0].router.expert_bias, torch.tensor([0.3, -0.3, 0.0, 0.1]))
 
 
 def test_the_sequence_wise_balance_loss_follows_deepseek_v3_and_reaches_the_loss_with_its_coefficient():
