@@ -1,7 +1,7 @@
 """hf_moe: sparse Mixture-of-Experts models for the Hugging Face ecosystem.
 
-``import hf_moe`` registers the Switch (``switch_moe``) and Expert Choice (``expert_choice_moe``)
-architectures with transformers' Auto classes.
+``import hf_moe`` registers the Switch (``switch_moe``), Expert Choice (``expert_choice_moe``) and
+auxiliary-loss-free (``aux_free_moe``) architectures with transformers' Auto classes.
 """
 
 from .compare import compare_runs

@@ -1,6 +1,13 @@
 """The hf_moe architectures, one module per routing method; importing this registers them by routing
 name (`registry`) and with transformers' Auto classes."""
 
+from .aux_free import (
+    AuxFreeMoeConfig,
+    AuxFreeMoeForCausalLM,
+    AuxFreeMoeForSequenceClassification,
+    AuxFreeMoeModel,
+    AuxFreeRouting,
+)
 from .configuration_moe import MoeConfig
 from .expert_choice import (
     ExpertChoiceMoeConfig,
@@ -22,8 +29,14 @@ from .switch import (
 
 register_routing(SwitchRouting)
 register_routing(ExpertChoiceRouting)
+register_routing(AuxFreeRouting)
 
 __all__ = [
+    "AuxFreeMoeConfig",
+    "AuxFreeMoeForCausalLM",
+    "AuxFreeMoeForSequenceClassification",
+    "AuxFreeMoeModel",
+    "AuxFreeRouting",
     "Assignments",
     "ExpertChoiceMoeConfig",
     "ExpertChoiceMoeForCausalLM",

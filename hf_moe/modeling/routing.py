@@ -4,7 +4,7 @@ A router only decides which (token, expert, weight) assignments exist: it return
 holding sparse `Assignments` (one entry per token-expert pair that is computed) and what the
 model computes its auxiliary losses and statistics from. Dispatch, the experts and the combine
 step are shared by all routers (see `MoeBlock`). Each routing method (``switch.py``,
-``expert_choice.py``) is one module: its config, its router, its losses and its model classes,
+``expert_choice.py``, ``aux_free.py``) is one module: its config, its router, its losses and its model classes,
 described by a `RoutingMethod` and registered by name (``registry.py``).
 
 Routing math runs in float32 under any autocast (Switch §2.4: selective precision).
@@ -41,6 +41,7 @@ class RoutingRecord:
     assignments: Assignments  # the kept pairs, after capacity
     top_experts: torch.Tensor | None = None  # (tokens, k) token-choice picks before capacity
     capacity_scores: torch.Tensor | None = None  # (sequences, experts) expert choice: C-th largest score
+    sequence_length: int | None = None  # token choice: tokens per sequence (rows of router_logits per sequence)
 
 
 def router_logits_fp32(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

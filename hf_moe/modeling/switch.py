@@ -117,6 +117,15 @@ class TokenChoiceRouter(Router):
             return None
         return max(1, math.ceil(factor * seq_len * self.top_k / self.num_experts))
 
+    def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gates, experts), each (..., k), of ``logits`` (..., experts): the top-k of p = softmax(logits)
+        and their gates (renormalised when ``norm_topk_prob``). Token-choice routers that pick or weigh
+        differently override this and keep the capacity and dispatch of `forward`."""
+        top_probs, top_experts = logits.softmax(dim=-1).topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
+        return top_probs, top_experts
+
     def forward(self, hidden: torch.Tensor, token_mask: torch.Tensor) -> RoutingRecord:
         batch, seq_len, _ = hidden.shape  # hidden (batch, seq, hidden); token_mask (batch, seq) bool
         router_input = hidden
@@ -124,10 +133,7 @@ class TokenChoiceRouter(Router):
             noise = torch.empty_like(hidden).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
             router_input = hidden * noise
         logits = router_logits_fp32(router_input, self.weight)  # (batch, seq, experts)
-        probs = logits.softmax(dim=-1)
-        top_probs, top_experts = probs.topk(self.top_k, dim=-1)  # (batch, seq, k)
-        if self.norm_topk_prob:
-            top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
+        top_probs, top_experts = self.select(logits)  # (batch, seq, k) each
 
         keep = token_mask[..., None].expand_as(top_experts)
         capacity = self.capacity(seq_len)
@@ -157,6 +163,7 @@ class TokenChoiceRouter(Router):
             router_logits=logits.view(batch * seq_len, -1),
             assignments=kept,
             top_experts=top_experts.view(batch * seq_len, -1),
+            sequence_length=seq_len,
         )
 
 

@@ -108,7 +108,12 @@ class RoutingOptions:
     router_jitter_noise: float | None = field(
         default=None, metadata=_help("switch: multiplicative router-input jitter epsilon, training only")
     )
-    router_aux_loss_coef: float | None = field(default=None, metadata=_help("switch: load-balancing loss coefficient"))
+    router_aux_loss_coef: float | None = field(
+        default=None,
+        metadata=_help(
+            "switch: load-balancing loss coefficient; aux_free: sequence-wise balance loss coefficient (DeepSeek-V3)"
+        ),
+    )
     router_z_loss_coef: float | None = field(default=None, metadata=_help("router z-loss coefficient"))
     expert_dropout: float | None = field(
         default=None,
@@ -130,6 +135,17 @@ class RoutingOptions:
         metadata=_help(
             "switch: tokens the balancing loss counts over, 'micro_batch' (this process) or 'global_batch' "
             "(every data-parallel process; Qiu et al. 2025)"
+        ),
+    )
+    scoring_func: str | None = field(
+        default=None,
+        metadata=_help("aux_free: router scores, 'sigmoid' (DeepSeek-V3) or 'softmax'"),
+    )
+    bias_update_rate: float | None = field(
+        default=None,
+        metadata=_help(
+            "aux_free: gamma of the selection-bias update b_i += gamma * sign(mean load - load_i) after each "
+            "optimizer step (Wang et al. 2024)"
         ),
     )
 

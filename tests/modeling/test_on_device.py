@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 import hf_moe
 
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-ROUTINGS = pytest.mark.parametrize("routing", ["switch", "expert_choice"])
+ROUTINGS = pytest.mark.parametrize("routing", ["switch", "expert_choice", "aux_free"])
 TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=5e-2, atol=1e-1)}
 
 
@@ -30,9 +30,13 @@ def device(request) -> torch.device:
 
 
 def causal_lm(routing, device, dtype, **overrides):
-    config_class = hf_moe.SwitchMoeConfig if routing == "switch" else hf_moe.ExpertChoiceMoeConfig
+    config_class = hf_moe.routing_method(routing).config_class
     config = config_class(text_config=dense_config("llama"), num_experts=4, moe_layers=[1, 3], **overrides)
     model = AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype).eval()
+    if routing == "aux_free":  # learned biases, which steer the selection at inference
+        with torch.no_grad():
+            for block in model.moe_blocks():
+                block.router.expert_bias.copy_(torch.randn(4) * 0.1)
     if routing == "expert_choice":
         learn_thresholds(model)  # generation routes by the learned thresholds (causal mode)
     return model
@@ -68,11 +72,12 @@ def test_cached_generation_equals_full_forwards(routing, dtype, device):
     [
         ("switch", {"norm_topk_prob": True, "num_experts_per_tok": 2}),
         ("expert_choice", {"inference_routing": "threshold"}),  # untrained thresholds: all experts, weights sum 1
+        ("aux_free", {}),  # sigmoid scores renormalised over the top-2
     ],
 )
 def test_experts_copied_from_the_dense_mlp_compute_the_dense_function(routing, overrides, dtype, device):
     dense = AutoModelForCausalLM.from_config(dense_config("llama")).eval()
-    config_class = hf_moe.SwitchMoeConfig if routing == "switch" else hf_moe.ExpertChoiceMoeConfig
+    config_class = hf_moe.routing_method(routing).config_class
     moe = AutoModelForCausalLM.from_config(
         config_class(text_config=dense_config("llama"), num_experts=4, moe_layers="all", **overrides)
     ).eval()

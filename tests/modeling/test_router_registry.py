@@ -133,7 +133,7 @@ ImportanceRouting.model_classes = (ImportanceMoeModel, ImportanceMoeForCausalLM,
 
 @pytest.fixture(scope="module", autouse=True)
 def registered():
-    """The registration, undone after this module so other tests see the two built-in methods only."""
+    """The registration, undone after this module so other tests see the built-in methods only."""
     with mock.patch.dict(registry._METHODS):
         register_routing(ImportanceRouting)
         yield
@@ -144,7 +144,7 @@ def importance_config(**overrides):
 
 
 def test_the_registry_answers_by_name_config_model_and_model_type():
-    assert routing_names() == ["switch", "expert_choice", "importance"]
+    assert routing_names() == ["switch", "expert_choice", "aux_free", "importance"]
     assert routing_method("importance") is ImportanceRouting
     config = importance_config()
     model = AutoModelForCausalLM.from_config(config)
@@ -154,7 +154,7 @@ def test_the_registry_answers_by_name_config_model_and_model_type():
     assert routing_method_of(hf_moe.SwitchMoeConfig(text_config=dense_config("llama"))) is hf_moe.SwitchRouting
     assert is_moe_model(model)
     with pytest.raises(
-        ValueError, match=r"routing must be one of \['switch', 'expert_choice', 'importance'\], got 'x'"
+        ValueError, match=r"routing must be one of \['switch', 'expert_choice', 'aux_free', 'importance'\], got 'x'"
     ):
         routing_method("x")
 
@@ -246,11 +246,11 @@ def test_hf_moe_upcycle_accepts_the_registered_routing(tmp_path):
 # --- the registry is the only place the package names the built-in model types ---
 
 PACKAGE = Path(hf_moe.__file__).parent
-ROUTING_MODULES = {"modeling/switch.py", "modeling/expert_choice.py"}
+ROUTING_MODULES = {"modeling/switch.py", "modeling/expert_choice.py", "modeling/aux_free.py"}
 
 
 def test_only_the_routing_modules_name_their_model_types():
-    built_in = re.compile(r"[\"'](?:switch_moe|expert_choice_moe)[\"']")
+    built_in = re.compile(r"[\"'](?:switch_moe|expert_choice_moe|aux_free_moe)[\"']")
     naming = {p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py") if built_in.search(p.read_text())}
     assert naming == ROUTING_MODULES
 

@@ -60,7 +60,7 @@ def test_bad_values_are_reported_together():
         "expert_dropout must be a finite number in [0, 1), got 1.5",
         "capacity_factor must be a finite number > 0 or 'dropless' (no limit), got 'lots'",
         "router_z_loss_coef must be a finite number >= 0, got -1.0",
-        "upcycle.routing must be one of ['switch', 'expert_choice'], got 'hash'",
+        "upcycle.routing must be one of ['switch', 'expert_choice', 'aux_free'], got 'hash'",
     ):
         assert expected in message
     with pytest.raises(ValueError, match="train_parameters 'lora' needs lora_target_modules"):

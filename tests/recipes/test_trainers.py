@@ -36,6 +36,11 @@ def tiny_moe(kind: str, vocab_size: int):
             text_config=dense, num_experts=4, moe_layers=[0, 1], num_experts_per_tok=2, router_aux_loss_coef=0.1
         )
         return hf_moe.SwitchMoeForCausalLM(config)
+    if kind == "aux_free":  # with DeepSeek-V3's sequence-wise loss and a z-loss, so both router terms are checked
+        config = hf_moe.AuxFreeMoeConfig(
+            text_config=dense, num_experts=4, moe_layers=[0, 1], router_aux_loss_coef=0.1, router_z_loss_coef=1e-3
+        )
+        return hf_moe.AuxFreeMoeForCausalLM(config)
     config = hf_moe.ExpertChoiceMoeConfig(text_config=dense, num_experts=4, moe_layers=[0, 1], capacity_factor=2.0)
     return hf_moe.ExpertChoiceMoeForCausalLM(config)
 
@@ -84,7 +89,7 @@ def reference_loss(model, batch) -> tuple[float, float]:
     return task.item(), router.item()
 
 
-@pytest.mark.parametrize("kind", ["switch", "expert_choice"])
+@pytest.mark.parametrize("kind", ["switch", "expert_choice", "aux_free"])
 @pytest.mark.parametrize("data", ["text", "prompt_completion", "conversational"])
 def test_sft_loss_is_task_loss_plus_router_terms_once(tokenizer, tmp_path, kind, data):
     model = tiny_moe(kind, len(tokenizer))
@@ -110,11 +115,13 @@ def test_sft_loss_is_task_loss_plus_router_terms_once(tokenizer, tmp_path, kind,
     rows = [row for row in trainer.state.log_history if "loss" in row]
     assert len(rows) == 3 and all(math.isfinite(row["loss"]) for row in rows)
     assert all(row["task_loss"] == pytest.approx(row["loss"] - row["router_loss"]) for row in rows)
-    assert ("aux_loss" in rows[0]) == (kind == "switch") and rows[0]["z_loss"] > 0
+    assert ("aux_loss" in rows[0]) == (kind != "expert_choice") and rows[0]["z_loss"] > 0
     assert rows[0]["router/layer1/dropped_fraction"] >= 0.0 and callback.handle is None
+    if kind == "aux_free":  # the selection biases move once per optimizer step
+        assert all(block.router.bias_updates.item() == 3 for block in model.moe_blocks())
 
 
-@pytest.mark.parametrize("kind", ["switch", "expert_choice"])
+@pytest.mark.parametrize("kind", ["switch", "expert_choice", "aux_free"])
 def test_sft_with_lora_on_attention_and_experts(tokenizer, tmp_path, kind):
     from peft import LoraConfig
 

@@ -159,7 +159,7 @@ def test_help_documents_the_defaults_that_train(capsys):
         main(["upcycle", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "k of top-k. Upcycling sets it to 2 unless given: with renormalised gates the model computes" in text
-    assert "(unset: switch 2 when upcycling, else 1)" in text
+    assert "(unset: switch 2 when upcycling, else 1, aux_free 2 when upcycling, else 2)" in text
     assert "never code" in text
 
 

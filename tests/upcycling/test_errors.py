@@ -302,7 +302,7 @@ def test_bin_with_non_tensor_pickle_is_refused(llama, tmp_path):
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"routing": "hash"}, r"routing must be one of \['switch', 'expert_choice'\], got 'hash'"),
+        ({"routing": "hash"}, r"routing must be one of \['switch', 'expert_choice', 'aux_free'\], got 'hash'"),
         ({"expert_init": "zeros"}, r"expert_init must be one of \['copy', 'noise', 'drop'\], got 'zeros'"),
         ({"drop_ratio": 1.5}, r"drop_ratio must be a finite number in \[0, 1\], got 1.5"),
         ({"noise_std": -1}, r"noise_std must be a finite number >= 0, got -1"),

@@ -135,9 +135,10 @@ def test_routing_defaults_in_help_are_the_config_classes():
     from hf_moe.upcycling.settings import routing_defaults
 
     assert routing_defaults("capacity_factor") == (
-        f"switch {SwitchMoeConfig().capacity_factor}, expert_choice {ExpertChoiceMoeConfig().capacity_factor}"
+        f"switch {SwitchMoeConfig().capacity_factor}, expert_choice {ExpertChoiceMoeConfig().capacity_factor}, "
+        "aux_free dropless"
     )
-    assert routing_defaults("eval_capacity_factor") == "switch dropless"
+    assert routing_defaults("eval_capacity_factor") == "switch dropless, aux_free dropless"
 
 
 # --- errors in the caller's terms -----------------------------------------------------------------------------
