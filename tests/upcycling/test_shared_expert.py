@@ -71,7 +71,7 @@ def test_streamed_checkpoint_verifies_and_equals_the_in_memory_conversion(model_
     assert any(".shared_expert." in name for name in written)
     assert all(torch.equal(written[name], in_memory[name]) for name in written)
     card = (output / "README.md").read_text()
-    held = f"first {PART} intermediate neurons" if size else "the whole dense MLP"
+    held = f"the dense MLP's first {PART} intermediate neurons" if size else "the whole dense MLP"
     assert f"an always-on shared expert (DeepSeekMoE, Dai et al. 2024; Qwen2-MoE) holds {held}" in card
     assert ("sigmoid(w.x) as in Qwen2-MoE" in card) == gate
 
