@@ -234,7 +234,8 @@ def supported_mappings() -> str:
     for family in FAMILIES:
         layers = "every layer MoE" if family.dense_layers_field is None else "any moe_layers"
         gates = "renormalised top-k only" if family.norm_topk_prob_field is None else "either norm_topk_prob"
-        lines.append(f"{'/'.join(family.dense_model_types)} -> {family.model_type} ({layers}, {gates})")
+        shared = ", a shared expert" if family.shared_expert_field else ""
+        lines.append(f"{'/'.join(family.dense_model_types)} -> {family.model_type} ({layers}, {gates}{shared})")
     return "; ".join(lines)
 
 
