@@ -148,10 +148,6 @@ class MoeConfig(PreTrainedConfig):
             )
         return problems
 
-    @property
-    def has_shared_expert(self) -> bool:
-        return bool(self.shared_expert_intermediate_size)
-
     def _finish(self, problems: list[str]) -> None:
         if problems:
             raise ValueError(f"Invalid {type(self).__name__}:\n  - " + "\n  - ".join(problems))

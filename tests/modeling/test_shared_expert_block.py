@@ -99,7 +99,10 @@ def test_config_validates_the_shared_expert_fields():
         SwitchMoeConfig(text_config=dense_config("llama"), shared_expert_gate=True)
     with pytest.raises(ValueError, match="shared_expert_gate must be True or False, got 'yes'"):
         SwitchMoeConfig(text_config=dense_config("llama"), shared_expert_intermediate_size=8, shared_expert_gate="yes")
-    assert not SwitchMoeConfig(text_config=dense_config("llama"), shared_expert_intermediate_size=0).has_shared_expert
+    no_shared = SwitchMoeForCausalLM(
+        SwitchMoeConfig(text_config=dense_config("llama"), shared_expert_intermediate_size=0)
+    )
+    assert all(block.shared_expert is None and block.shared_expert_gate is None for block in no_shared.moe_blocks())
 
 
 def test_loading_weights_without_the_configured_shared_expert_is_an_error(tmp_path):
