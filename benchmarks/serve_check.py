@@ -40,6 +40,16 @@ CASES = {
         dict(moe_layers="every_other", norm_topk_prob=False),
     ),
     "olmo2 -> flex_olmo, every layer MoE, raw top-2 gates": ("olmo2", dict(moe_layers="all", norm_topk_prob=False)),
+    # Shared experts (--shared-expert): split, the routed experts carry the other neurons from step 0; whole FFN,
+    # they start at zero and the ungated shared expert sits behind a zero native gate with a doubled output.
+    "qwen2 -> qwen2_moe, gated shared expert of 256 of 512 neurons, MoE every other layer": (
+        "qwen2",
+        dict(moe_layers="every_other", shared_expert=True, shared_expert_size=256, shared_expert_gate=True),
+    ),
+    "qwen2 -> qwen2_moe, ungated whole-FFN shared expert, every layer MoE": (
+        "qwen2",
+        dict(moe_layers="all", shared_expert=True),
+    ),
 }
 VOCAB = 256
 SIZES = dict(

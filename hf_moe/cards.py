@@ -80,6 +80,8 @@ def upcycled_model_card(
             "from the statistics of the replaced weights"
         ),
     }[upcycling["expert_init"]]
+    if getattr(config, "shared_expert_intermediate_size", None):
+        init += "; " + shared_expert_summary(config, upcycling.get("shared_expert") or {})
     base_model = upcycling["source"] if upcycling.get("revision") else None
     card_data = ModelCardData(
         base_model=base_model,
@@ -113,6 +115,25 @@ def upcycled_model_card(
         tokenizer_remote_code=upcycling.get("tokenizer_remote_code_not_copied"),
         export_status=export_status,
     )
+
+
+def shared_expert_summary(config, scheme: dict) -> str:
+    """The card's phrase for an upcycled shared expert (``scheme``: the ``shared_expert`` upcycling record)."""
+    size = config.shared_expert_intermediate_size
+    held = "the whole dense MLP" if scheme.get("size") is None else f"the dense MLP's first {size} intermediate neurons"
+    gate = (
+        ", scaled per token by sigmoid(w.x) as in Qwen2-MoE (w = 0 and its output projection doubled at step 0)"
+        if config.shared_expert_gate
+        else ""
+    )
+    routed = (
+        "the routed experts' output projections start at zero, so they add nothing until trained and the step-0 "
+        "model computes the dense function whatever the routing and expert init"
+        if scheme.get("size") is None
+        else "the routed experts' output projections start at zero on those neurons and carry the rest of the MLP, "
+        "so with copied experts and gates summing to 1 the step-0 model computes the dense function"
+    )
+    return f"an always-on shared expert (DeepSeekMoE, Dai et al. 2024; Qwen2-MoE) holds {held}{gate}; {routed}"
 
 
 def exported_model_card(config, family, native, model_name: str, origin: dict, limits: list[str]) -> str:

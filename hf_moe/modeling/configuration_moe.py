@@ -68,6 +68,12 @@ class MoeConfig(PreTrainedConfig):
     router_init_std: float = 0.02
     output_router_logits: bool = False
     tie_word_embeddings: bool = False
+    # An always-on shared expert beside the routed ones (DeepSeekMoE, Dai et al. 2024, arXiv 2401.06066;
+    # Qwen2-MoE): the dense MLP's own module with this many intermediate neurons; None or 0: none.
+    shared_expert_intermediate_size: int | None = None
+    # Scale the shared expert's output by sigmoid(shared_expert_gate(x)), a Linear(hidden, 1) without bias,
+    # per token (Qwen2-MoE); False adds it unscaled (DeepSeekMoE).
+    shared_expert_gate: bool = False
 
     def __post_init__(self, **kwargs):
         # A classifier's labels are one set on both configs: the nested decoder builds the head from
@@ -125,6 +131,21 @@ class MoeConfig(PreTrainedConfig):
         problems += check_number("router_z_loss_coef", self.router_z_loss_coef, ">= 0", lambda v: v >= 0)
         problems += check_number("router_init_std", self.router_init_std, ">= 0", lambda v: v >= 0)
         problems += check_number("expert_dropout", self.expert_dropout, "in [0, 1)", lambda v: 0 <= v < 1)
+        return problems + self._shared_expert_problems()
+
+    def _shared_expert_problems(self) -> list[str]:
+        size, gate = self.shared_expert_intermediate_size, self.shared_expert_gate
+        problems = []
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            problems.append(
+                f"shared_expert_intermediate_size must be an integer >= 0 or None (no shared expert), got {size!r}"
+            )
+        if not isinstance(gate, bool):
+            problems.append(f"shared_expert_gate must be True or False, got {gate!r}")
+        elif gate and not size:
+            problems.append(
+                f"shared_expert_gate=True needs a shared expert (shared_expert_intermediate_size >= 1), got {size!r}"
+            )
         return problems
 
     def _finish(self, problems: list[str]) -> None:

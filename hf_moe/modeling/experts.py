@@ -12,6 +12,7 @@ top_k_weights)`` (as ``Qwen3MoeExperts`` does), which is what transformers' expe
 rows routed to that rank's experts.
 """
 
+import copy
 import functools
 import math
 
@@ -305,3 +306,49 @@ def make_experts(
     mlp.holds_all_experts = expert_parallel_size == 1
     mlp.layout = layout
     return mlp
+
+
+def make_shared_expert(mlp: nn.Module, intermediate_size: int, hidden_size: int, model_type: str) -> nn.Module:
+    """A new module of the dense MLP's own class with ``intermediate_size`` neurons: the shared expert.
+
+    Built from ``mlp`` before it becomes the routed experts: a copy whose input projections get
+    ``intermediate_size`` output rows per neuron group (phi3's fused ``gate_up_proj`` has two) and whose
+    output projection (the one layer writing back to ``hidden_size``) gets ``intermediate_size`` inputs.
+    Its weights are fresh (initialised or loaded by the model). Raises a ValueError naming the backbone
+    when the MLP's intermediate neurons cannot be identified.
+    """
+    linears = dense_linear_layers(mlp)
+    output_layers = [name for name, m in linears if _linear_dims(m)[1] == hidden_size]
+    if len(output_layers) != 1:
+        raise ValueError(
+            f"Cannot build a shared expert for model_type {model_type!r}: expected exactly one output projection "
+            f"(a linear layer with out_features == hidden_size {hidden_size}) in {type(mlp).__name__}, "
+            f"found {output_layers or 'none'}"
+        )
+    dense_width = _linear_dims(dict(linears)[output_layers[0]])[0]
+    # Plain attributes (the backbone's config) stay shared with the dense MLP; modules and weights are copied.
+    shared = {id(value): value for key, value in vars(mlp).items() if not key.startswith("_")}
+    expert = copy.deepcopy(mlp, memo=shared)
+    for name, dense in dense_linear_layers(expert):
+        in_features, out_features, weight_layout = _linear_dims(dense)
+        if name == output_layers[0]:
+            in_features = intermediate_size
+        elif out_features % dense_width == 0:
+            out_features = out_features // dense_width * intermediate_size
+        else:
+            raise ValueError(
+                f"Cannot build a shared expert for model_type {model_type!r}: {name} has {out_features} outputs, "
+                f"not a multiple of the intermediate size {dense_width}"
+            )
+        weight = dense.weight
+        if weight_layout == "in_out":
+            narrowed = Conv1D(out_features, in_features).to(device=weight.device, dtype=weight.dtype)
+        else:
+            narrowed = nn.Linear(
+                in_features, out_features, bias=dense.bias is not None, device=weight.device, dtype=weight.dtype
+            )
+        parent_name, _, child = name.rpartition(".")
+        setattr(expert.get_submodule(parent_name) if parent_name else expert, child, narrowed)
+    if isinstance(getattr(expert, "intermediate_size", None), int):
+        expert.intermediate_size = intermediate_size
+    return expert

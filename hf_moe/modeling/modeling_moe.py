@@ -26,7 +26,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .experts import GroupedExperts, GroupedLinear, make_experts
+from .experts import GroupedExperts, GroupedLinear, make_experts, make_shared_expert
 from .routing import Router, RoutingMethod, RoutingRecord, router_z_loss
 
 LAYER_LIST_NAMES = ("layers", "h", "blocks")
@@ -70,12 +70,26 @@ class MoeBlock(nn.Module):
 
     Tokens without a kept assignment (over capacity, or not picked by any expert) get MoE output
     exactly 0 and continue through the residual connection (Switch §2.2).
+
+    With a ``shared_expert`` (DeepSeekMoE, Dai et al. 2024, arXiv 2401.06066, §3.2; Qwen2-MoE), an
+    always-on MLP adds its output for every non-padding token, scaled per token by
+    ``sigmoid(shared_expert_gate(x))`` when there is a gate (Qwen2-MoE); the routing, its losses and
+    statistics concern the routed experts only. Padding tokens get 0 from it too.
     """
 
-    def __init__(self, router: nn.Module, experts: GroupedExperts):
+    def __init__(
+        self,
+        router: nn.Module,
+        experts: GroupedExperts,
+        shared_expert: nn.Module | None = None,
+        shared_expert_gate: nn.Linear | None = None,
+    ):
         super().__init__()
         self.router = router
         self.experts = experts
+        # Named as in Qwen2-MoE's block, so the tensors keep their names in a native export.
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = shared_expert_gate
         # An input, set by the model before each forward: (batch, seq) bool, False on padding. The
         # backbone calls its feed-forward block with the hidden states only, so the mask cannot come
         # as an argument; kept (not cleared) so activation-checkpoint recomputation routes exactly as
@@ -99,6 +113,11 @@ class MoeBlock(nn.Module):
         )  # (pairs, hidden), weighted
         # Combine: add each pair back to its token; unassigned tokens stay 0.
         out = pair_out.new_zeros(batch * seq_len, hidden_size).index_add_(0, assigned.token_idx, pair_out)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(flat)  # (tokens, hidden)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared  # Qwen2-MoE's gate, (tokens, 1)
+            out = out + shared.masked_fill(~token_mask.reshape(-1, 1), 0.0)
         return out.view(shape)
 
     def _token_mask(self, batch: int, seq_len: int, device) -> torch.Tensor:
@@ -201,6 +220,13 @@ class MoePreTrainedModel(PreTrainedModel):
             parent = self.backbone.get_submodule(parent_name)
             dense_mlp = getattr(parent, child)
             weight = next(dense_mlp.parameters())
+            shared_expert, shared_expert_gate = None, None
+            if config.shared_expert_intermediate_size:
+                shared_expert = make_shared_expert(
+                    dense_mlp, config.shared_expert_intermediate_size, hidden_size, config.text_config.model_type
+                )
+                if config.shared_expert_gate:
+                    shared_expert_gate = nn.Linear(hidden_size, 1, bias=False, dtype=weight.dtype, device=weight.device)
             experts = make_experts(
                 dense_mlp,
                 config.num_experts,
@@ -210,7 +236,7 @@ class MoePreTrainedModel(PreTrainedModel):
                 expert_parallel_size,
             )
             router = self.routing_method.make_router(self, hidden_size, weight.dtype, weight.device)
-            setattr(parent, child, MoeBlock(router, experts))
+            setattr(parent, child, MoeBlock(router, experts, shared_expert, shared_expert_gate))
         self.routing_method.on_model_init(self)
         # auto_map lists every Auto class a saved checkpoint serves: saving adds the head's own
         # class; AutoModel loads the decoder without its head from any head's checkpoint.
@@ -429,12 +455,13 @@ class MoePreTrainedModel(PreTrainedModel):
         }
 
 
-MOE_WEIGHT = re.compile(r"\.(\d+)\.[^.]+\.(?:experts|router)\.")  # layer index of an expert/router tensor
+# layer index of an expert, router or shared-expert tensor
+MOE_WEIGHT = re.compile(r"\.(\d+)\.[^.]+\.(?:experts|router|shared_expert|shared_expert_gate)\.")
 
 
 def _check_moe_weights(model: MoePreTrainedModel, info: dict) -> None:
-    """Raise when the loaded weights have MoE blocks in other layers, or other expert counts,
-    than the config (``moe_layers``, ``num_experts``)."""
+    """Raise when the loaded weights have MoE blocks in other layers, other expert counts, or another
+    shared expert than the config (``moe_layers``, ``num_experts``, ``shared_expert_intermediate_size``)."""
     config = model.config
     missing = {k for k in info["missing_keys"] if MOE_WEIGHT.search(k)}
     unexpected = {k for k in info["unexpected_keys"] if MOE_WEIGHT.search(k)}
@@ -444,28 +471,37 @@ def _check_moe_weights(model: MoePreTrainedModel, info: dict) -> None:
     )
     if not (missing or unexpected or mismatched):
         return
-    layers_missing = {int(MOE_WEIGHT.search(k)[1]) for k in missing}
-    layers_unexpected = {int(MOE_WEIGHT.search(k)[1]) for k in unexpected}
-    weight_layers = sorted((set(config.moe_layers) - layers_missing) | layers_unexpected)
     problems = []
+    shared_missing = sorted(k for k in missing if ".shared_expert" in k)
+    shared_unexpected = sorted(k for k in unexpected if ".shared_expert" in k)
+    if shared_missing or shared_unexpected:
+        problems.append(
+            f"config shared_expert_intermediate_size={config.shared_expert_intermediate_size}, "
+            f"shared_expert_gate={config.shared_expert_gate}, but the weights "
+            + (f"lack {shared_missing[0]}" if shared_missing else f"also have {shared_unexpected[0]}")
+        )
+    missing, unexpected = missing - set(shared_missing), unexpected - set(shared_unexpected)
     if missing or unexpected:
+        layers_missing = {int(MOE_WEIGHT.search(k)[1]) for k in missing}
+        layers_unexpected = {int(MOE_WEIGHT.search(k)[1]) for k in unexpected}
+        weight_layers = sorted((set(config.moe_layers) - layers_missing) | layers_unexpected)
         problems.append(
             f"config moe_layers={list(config.moe_layers)}, but the weights have MoE blocks in layers {weight_layers}"
         )
-    experts = [(k, ckpt) for k, ckpt, own in mismatched if ckpt[0] != own[0]]
+    experts = [(k, ckpt) for k, ckpt, own in mismatched if ckpt[0] != own[0] and ".shared_expert" not in k]
     if experts:
         name, shape = experts[0]
         problems.append(
             f"config num_experts={config.num_experts}, but the weights have {shape[0]} experts "
             f"({name} is {list(shape)})"
         )
-    elif mismatched:  # same expert count: the dense sizes (hidden_size, intermediate_size, ...) differ
+    elif mismatched:  # same expert count: the dense or shared-expert sizes differ
         name, shape, own = mismatched[0]
         problems.append(f"{name} is {list(shape)} in the checkpoint, the config implies {list(own)}")
     raise ValueError(
         "The checkpoint's config does not match its weights: " + "; ".join(problems) + ". Loading would "
-        "initialise those MoE layers randomly; fix config.json (moe_layers, num_experts, text_config) to describe "
-        "the weights"
+        "initialise those MoE layers randomly; fix config.json (moe_layers, num_experts, "
+        "shared_expert_intermediate_size, text_config) to describe the weights"
     )
 
 

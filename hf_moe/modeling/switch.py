@@ -45,6 +45,9 @@ class SwitchMoeConfig(MoeConfig):
         expert_dropout: dropout on the experts' hidden activation, training only (Switch Table 4 uses 0.4).
         router_init_std: std of the router's normal initialisation (T5X/flaxformer: 0.02).
         output_router_logits: also return every MoE layer's router logits.
+        shared_expert_intermediate_size: width of an always-on shared expert, the dense MLP's own module
+            added for every non-padding token (DeepSeekMoE, Dai et al. 2024, arXiv 2401.06066); None or 0: none.
+        shared_expert_gate: scale the shared expert per token by sigmoid of a Linear(hidden, 1) (Qwen2-MoE).
     """
 
     model_type = "switch_moe"

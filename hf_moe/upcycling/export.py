@@ -90,7 +90,7 @@ def import_checkpoint(
     expert dropout, capacity factors, freeze policies, routing health) apply to it.
 
     The imported model is dropless (``capacity_factor=None``), as the native model is. What hf_moe
-    cannot represent (shared experts, experts of another size than the dense layers' MLP) is
+    cannot represent (experts of another size than the dense layers' MLP) is
     refused with a ValueError before anything is written. Arguments as in `export_checkpoint`;
     the report is stored under ``imported.verification`` in config.json.
     """
@@ -187,7 +187,7 @@ def export_folder(
         for rule in rules:
             dtype = checkpoint.dtype(rule.name)
             for j, native_name in enumerate(rule.native_names):
-                sources[native_name] = (rule.name, j if rule.stacked else None)
+                sources[native_name] = (rule.name, j if rule.stacked else None, rule.scale)
                 outputs.append(OutputTensor(native_name, dtype, _native_shape(shapes[rule.name], rule)))
         router_dtype = next(out.dtype for out in outputs if out.name.endswith(".gate.weight"))
         outputs += [OutputTensor(name, router_dtype, shape) for name, shape in zeros]
@@ -195,8 +195,9 @@ def export_folder(
         check_disk_space(output_dir, weight_bytes)
 
         def read_source(native_name: str) -> torch.Tensor:
-            name, row = sources[native_name]
-            return checkpoint.read(name, row)
+            name, row, scale = sources[native_name]
+            tensor = checkpoint.read(name, row)
+            return tensor * scale if scale != 1 else tensor
 
         def produce(out: OutputTensor):
             yield read_source(out.name) if out.name in sources else torch.zeros(out.shape, dtype=out.dtype)

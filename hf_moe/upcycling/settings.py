@@ -318,6 +318,28 @@ class UpcyclingScheme:
     seed: int = field(
         default=0, metadata=_help("seed of the routers, the noise and the dropped neurons (same seed, same tensors)")
     )
+    shared_expert: bool = field(
+        default=False,
+        metadata=_help(
+            "keep the first shared_expert_size neurons of each dense FFN as an always-on shared expert beside the "
+            "routed ones (DeepSeekMoE, Dai et al. 2024; Qwen2-MoE); the routed experts' output projections start "
+            "at zero for those neurons, so the step-0 function is the dense one (README, Upcycling)"
+        ),
+    )
+    shared_expert_size: int | None = field(
+        default=None,
+        metadata=_help(
+            "shared_expert: how many of the dense FFN's intermediate neurons the shared expert keeps (unset: all of "
+            "them; the routed experts then start with a zero contribution, exact with any routing and init)"
+        ),
+    )
+    shared_expert_gate: bool = field(
+        default=False,
+        metadata=_help(
+            "shared_expert: scale the shared expert per token by sigmoid(w.x) as Qwen2-MoE does; w starts at 0 and "
+            "the shared output projection at twice the dense one, so 0.5 * 2 keeps the dense function exactly"
+        ),
+    )
 
     def _scheme_problems(self) -> list[tuple[str, dict]]:
         problems = []
@@ -363,6 +385,7 @@ class UpcyclingScheme:
             problems.append((f"{{drop_ratio}} must be a finite number in [0, 1], got {_got(self.drop_ratio)}", {}))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             problems.append((f"{{seed}} must be an integer >= 0, got {_got(self.seed)}", {}))
+        problems += self._shared_expert_problems()
         defaults = {f.name: f.default for f in dataclasses.fields(UpcyclingScheme)}
         for name, scheme in (("noise_std", "noise"), ("drop_ratio", "drop")):
             if (
@@ -377,6 +400,56 @@ class UpcyclingScheme:
                     )
                 )
         return problems
+
+    def _shared_expert_problems(self) -> list[tuple[str, dict]]:
+        problems = []
+        for name in ("shared_expert", "shared_expert_gate"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append((f"{{{name}}} must be true or false, got {_got(getattr(self, name))}", {}))
+        size = self.shared_expert_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            problems.append(
+                (f"{{shared_expert_size}} must be an integer >= 1 (unset: the whole FFN), got {_got(size)}", {})
+            )
+        if self.shared_expert is not True:
+            for name, default in (("shared_expert_size", None), ("shared_expert_gate", False)):
+                if getattr(self, name) not in (default, None):
+                    problems.append(
+                        (
+                            f"{{{name}}} applies with {{shared_expert}} only, got {{{name}=}}",
+                            {name: getattr(self, name)},
+                        )
+                    )
+        return problems
+
+    def shared_expert_width(self, text_config: PreTrainedConfig) -> int | None:
+        """Neurons of the shared expert for ``text_config`` (None without one); an `OptionsError` when
+        ``shared_expert_size`` exceeds the dense FFN's."""
+        if not self.shared_expert:
+            return None
+        width = dense_ffn_width(text_config)
+        size = self.shared_expert_size or width
+        if width is not None and size > width:
+            raise OptionsError(
+                [
+                    (
+                        f"{{shared_expert_size}} must be at most the dense FFN's intermediate size ({width}), "
+                        "got {shared_expert_size=}",
+                        {"shared_expert_size": size},
+                    )
+                ],
+                "Invalid upcycling settings",
+            )
+        return size
+
+
+def dense_ffn_width(text_config: PreTrainedConfig) -> int | None:
+    """The dense FFN's intermediate size: ``intermediate_size``, or GPT-2's ``n_inner`` (4 x hidden when unset).
+    The converter checks it against the dense model's own modules."""
+    width = getattr(text_config, "intermediate_size", None)
+    if width is None and getattr(text_config, "model_type", None) == "gpt2":
+        width = text_config.n_inner or 4 * text_config.n_embd
+    return width
 
 
 @dataclass
@@ -428,6 +501,9 @@ class UpcyclingSettings(RoutingOptions, UpcyclingScheme):
         if takes_top_k(ROUTINGS[self.routing]):
             overrides.setdefault("norm_topk_prob", UPCYCLING_NORM_TOPK_PROB)
             overrides.setdefault("num_experts_per_tok", min(UPCYCLING_TOP_K, self.num_experts))  # 1 expert: top-1
+        shared_width = self.shared_expert_width(text_config)
+        if shared_width is not None:
+            overrides.update(shared_expert_intermediate_size=shared_width, shared_expert_gate=self.shared_expert_gate)
         config = build_moe_config(ROUTINGS[self.routing], text_config, self.num_experts, self.moe_layers, overrides)
         if upcycling is not None:
             config.upcycling = upcycling
@@ -456,6 +532,8 @@ class UpcyclingSettings(RoutingOptions, UpcyclingScheme):
             scheme["noise_std"] = self.noise_std
         if self.expert_init == "drop":
             scheme["drop_ratio"] = self.drop_ratio
+        if self.shared_expert:
+            scheme["shared_expert"] = {"size": self.shared_expert_size, "gate": self.shared_expert_gate}
         return scheme
 
 

@@ -8,7 +8,9 @@ on random tokens are compared. Deviations are relative: max |moe - dense| / max 
 Function-preserving settings (sparse upcycling, Komatsuzaki et al. 2023, §3): every expert a copy and the
 combine weights of each token summing to 1 with nothing dropped, i.e. token choice with
 ``norm_topk_prob=True`` and dropless evaluation, or expert choice in threshold mode with the
-untrained (zero) thresholds, where every token reaches every expert. There the deviation must be
+untrained (zero) thresholds, where every token reaches every expert; and, whatever the routing and
+expert init, a shared expert holding the whole dense FFN beside routed experts that start at zero
+(`weights.shared_expert_init`). There the deviation must be
 <= 1e-5, otherwise the conversion fails; for other settings it is measured and reported.
 """
 
@@ -21,7 +23,7 @@ import psutil
 import torch
 
 from ..checkpoints.streaming import CheckpointReader
-from .weights import BACKBONE_PREFIX, ConversionPlan, resolve_dtype
+from .weights import BACKBONE_PREFIX, ConversionPlan, dense_intermediate_size, resolve_dtype
 
 TOLERANCE = 1e-5
 VERIFY_BATCH, VERIFY_SEQ_LEN = 2, 16
@@ -31,7 +33,12 @@ class VerificationError(RuntimeError):
     """A conversion that should compute the dense function does not."""
 
 
-def preserves_dense_function(config, moe_class, expert_init: str) -> bool:
+def preserves_dense_function(config, moe_class, expert_init: str, dense_width: int | None = None) -> bool:
+    """Whether the upcycled model computes the dense function: a shared expert holding the whole dense FFN
+    (``dense_width`` neurons) leaves the routed experts a zero contribution whatever the routing and init."""
+    shared = getattr(config, "shared_expert_intermediate_size", None)
+    if shared and shared == dense_width:
+        return True
     return expert_init == "copy" and moe_class.routing_method.computes_dense_function(config, moe_class)
 
 
@@ -112,7 +119,9 @@ def verify_conversion(
     seed: int,
 ) -> VerificationReport:
     config = plan.config
-    report = VerificationReport(preserves_dense_function(config, plan.moe_class, expert_init))
+    report = VerificationReport(
+        preserves_dense_function(config, plan.moe_class, expert_init, dense_intermediate_size(plan))
+    )
     hidden_size = config.text_config.hidden_size
     generator = torch.Generator().manual_seed(seed)
 

@@ -8,7 +8,12 @@ for each MoE layer the dense feed-forward block ``F`` became:
 - ``F.experts.<linear>.weight`` [E, *dense shape]: one copy of ``F.<linear>.weight`` per expert,
   optionally perturbed (``noise``) or partially re-initialised (``drop``);
 - ``F.router.weight`` [E, hidden]: fresh N(0, router_init_std^2), seeded;
-- expert-choice buffers ``F.router.score_thresholds`` / ``threshold_updates``: zeros.
+- expert-choice buffers ``F.router.score_thresholds`` / ``threshold_updates``: zeros;
+- with a shared expert (``shared_expert_intermediate_size`` S): ``F.shared_expert.<linear>.*`` the first
+  S intermediate neurons of ``F.<linear>.*`` (the whole FFN when S is its width), the routed experts'
+  output projection zero on those S neurons and without bias (the shared expert keeps it), and, when
+  gated, ``F.shared_expert_gate.weight`` zeros with the shared output projection doubled
+  (sigmoid(0) * 2 = 1, exact in floating point). See `shared_expert_init`.
 
 All random draws use generators seeded from (seed, tensor name, expert), so the result does not
 depend on the order tensors are produced in: directory and in-memory conversion agree bit for bit.
@@ -94,6 +99,7 @@ class ExpertWeight:
     intermediate_size: int
     neuron_axis: int | None
     neuron_groups: int
+    output: bool = False  # a tensor of the output projection (the layer writing back to the hidden size)
 
 
 @dataclass(frozen=True)
@@ -102,8 +108,9 @@ class TensorPlan:
 
     name: str
     shape: tuple[int, ...]
-    kind: str  # "copy" | "experts" | "router" | "zeros"
-    dense_name: str | None = None  # copy / experts: the dense tensor; router: the block's output weight (for its dtype)
+    kind: str  # "copy" | "experts" | "router" | "zeros" | "shared" | "zero_weight"
+    # copy / experts / shared: the dense tensor; router / zero_weight: the block's output weight (for its dtype)
+    dense_name: str | None = None
     fixed_dtype: torch.dtype | None = None  # zeros: the buffer's own dtype
     expert: ExpertWeight | None = None
 
@@ -153,10 +160,22 @@ def plan_conversion(moe_config, head: int) -> ConversionPlan:
             tensors.append(TensorPlan(name, tuple(tensor.shape), "copy", dense_name))
             continue
         block_name = moe_blocks[layer]
+        output_weight = _output_projection(moe, block_name).removeprefix("experts.") + ".weight"
         if rest == "router.weight":
             # The router takes the dtype of the block's output projection.
-            output_weight = _output_projection(moe, block_name).removeprefix("experts.") + ".weight"
             tensors.append(TensorPlan(name, tuple(tensor.shape), "router", f"{block_name}.{output_weight}"))
+        elif rest == "shared_expert_gate.weight":  # zeros in the dtype of the block's output projection
+            tensors.append(TensorPlan(name, tuple(tensor.shape), "zero_weight", f"{block_name}.{output_weight}"))
+        elif rest.startswith("shared_expert."):
+            inner = rest[len("shared_expert.") :]
+            module_name, _, param = inner.rpartition(".")
+            source = f"{block_name}.{inner}"
+            routed = moe.get_submodule(f"{BACKBONE_PREFIX}{block_name}.experts.{module_name}")
+            expert = _expert_weight(moe, block_name, layer, routed, param)
+            expected = _shared_shape(dense_state[source].shape, expert, moe_config.shared_expert_intermediate_size)
+            if tuple(tensor.shape) != expected:
+                raise RuntimeError(f"{name} has shape {list(tensor.shape)}, not the shared slice {list(expected)}")
+            tensors.append(TensorPlan(name, tuple(tensor.shape), "shared", source, expert=expert))
         elif rest.startswith("router."):
             tensors.append(TensorPlan(name, tuple(tensor.shape), "zeros", fixed_dtype=tensor.dtype))
         elif rest.startswith("experts."):
@@ -227,7 +246,7 @@ def _expert_weight(moe, block_name: str, layer: int, module: GroupedLinear, para
     out_in = module.weight_layout == "out_in"  # dense weight [out, in]; Conv1D [in, out]
     if module is output:
         axis = (1 if out_in else 0) if param == "weight" else None
-        return ExpertWeight(layer, intermediate, axis, 1)
+        return ExpertWeight(layer, intermediate, axis, 1, output=True)
     groups = module.out_features // intermediate if module.out_features % intermediate == 0 else 0
     axis = (0 if out_in else 1) if param == "weight" else 0
     return ExpertWeight(layer, intermediate, axis, groups)
@@ -372,6 +391,53 @@ def expert_copy(
     return dense
 
 
+def _shared_shape(dense_shape, info: ExpertWeight, width: int) -> tuple[int, ...]:
+    shape = list(dense_shape)
+    if info.neuron_axis is not None:
+        shape[info.neuron_axis] = width * max(info.neuron_groups, 1)
+    return tuple(shape)
+
+
+def _neurons(info: ExpertWeight, count: int) -> torch.Tensor:
+    """Indices along ``info.neuron_axis`` of the first ``count`` intermediate neurons (of every group)."""
+    return torch.cat([torch.arange(count) + g * info.intermediate_size for g in range(max(info.neuron_groups, 1))])
+
+
+def shared_expert_init(dense: torch.Tensor, info: ExpertWeight, config) -> torch.Tensor:
+    """The shared expert's version of a dense FFN tensor: its first S intermediate neurons.
+
+    The upcycled block computes shared(x) + sum_j w_j routed_j(x). A dense FFN is a sum over its
+    neurons, F(x) = sum_n down[:, n] * act_n(x) (+ output bias), so with the shared expert holding
+    neurons [0, S) and the output bias, and every routed expert's output projection zero on those
+    neurons and without bias (`routed_expert_init`), copies of the rest give
+    F(x) = shared(x) + sum_j w_j rest(x) whenever the gates sum to 1 (renormalised top-k, dropless).
+    With S the whole FFN the routed experts add exactly 0, so every routing and expert init keeps the
+    dense function. Qwen2-MoE's gate sigmoid(g.x) starts at g = 0, i.e. 0.5: the output projection is
+    doubled, and 0.5 * (2W)h = Wh exactly in floating point (a power-of-two scaling).
+    """
+    if info.neuron_axis is not None:
+        dense = dense.index_select(info.neuron_axis, _neurons(info, config.shared_expert_intermediate_size))
+    if info.output and config.shared_expert_gate:
+        dense = dense * 2
+    return dense
+
+
+def routed_expert_init(expert: torch.Tensor, info: ExpertWeight, config) -> torch.Tensor:
+    """A routed expert's output projection next to a shared expert: zero on the neurons the shared expert
+    holds, and no output bias (the shared expert adds it once); see `shared_expert_init`."""
+    if not (getattr(config, "shared_expert_intermediate_size", None) and info.output):
+        return expert
+    if info.neuron_axis is None:
+        return torch.zeros_like(expert)
+    neurons = _neurons(info, config.shared_expert_intermediate_size)
+    return expert.index_fill(info.neuron_axis, neurons, 0.0)
+
+
+def dense_intermediate_size(plan: "ConversionPlan") -> int | None:
+    """The dense FFN's intermediate size, read off the plan's expert tensors (None without MoE layers)."""
+    return next((t.expert.intermediate_size for t in plan.tensors if t.kind == "experts"), None)
+
+
 def produce(
     tensor: TensorPlan,
     out: OutputTensor,
@@ -385,7 +451,10 @@ def produce(
     elif tensor.kind == "experts":
         dense = read_dense(tensor.dense_name)
         for expert in range(config.num_experts):
-            yield expert_copy(dense, tensor.dense_name, expert, tensor.expert, settings).to(out.dtype)
+            routed = expert_copy(dense, tensor.dense_name, expert, tensor.expert, settings)
+            yield routed_expert_init(routed, tensor.expert, config).to(out.dtype)
+    elif tensor.kind == "shared":
+        yield shared_expert_init(read_dense(tensor.dense_name), tensor.expert, config).to(out.dtype)
     elif tensor.kind == "router":
         generator = _generator(settings.seed, "router", tensor.name)
         yield (torch.randn(tensor.shape, generator=generator) * config.router_init_std).to(out.dtype)

@@ -37,6 +37,11 @@ CASES = {
     "noise": ({"expert_init": "noise", "noise_std": 0.1}, {}),
     "drop": ({"expert_init": "drop", "drop_ratio": 0.25}, {}),
     "global balance": ({"balance_scope": "global_batch"}, {"balance_scope": "global_batch"}),
+    "shared expert": (
+        {"shared_expert": True, "shared_expert_size": 16, "shared_expert_gate": True},
+        {"shared_expert_intermediate_size": 16, "shared_expert_gate": True},
+    ),
+    "whole-FFN shared expert": ({"shared_expert": True}, {"shared_expert_intermediate_size": 48}),
     "router terms": (
         {"router_aux_loss_coef": 0.0, "router_z_loss_coef": 0.01, "router_jitter_noise": 0.1, "expert_dropout": 0.4},
         {"router_aux_loss_coef": 0.0, "router_z_loss_coef": 0.01, "router_jitter_noise": 0.1, "expert_dropout": 0.4},
