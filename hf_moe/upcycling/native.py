@@ -322,6 +322,11 @@ def serving_limits(config, family: NativeFamily, native) -> list[str]:
     return limits
 
 
+def expert_intermediate_size(config) -> int:
+    """The experts' width: ``moe_intermediate_size`` (fine-grained experts), else the dense MLP's."""
+    return getattr(config, "moe_intermediate_size", None) or config.text_config.intermediate_size
+
+
 def native_config(family: NativeFamily, config, head: int):
     """The native config of an exportable hf_moe ``config``: the backbone's fields the native
     config knows (plus head_dim), then the MoE fields."""
@@ -337,8 +342,11 @@ def native_config(family: NativeFamily, config, head: int):
     fields["output_router_logits"] = False
     if family.norm_topk_prob_field:
         fields[family.norm_topk_prob_field] = config.norm_topk_prob
+    expert_size = expert_intermediate_size(config)
     if family.expert_size_field:
-        fields[family.expert_size_field] = config.text_config.intermediate_size
+        fields[family.expert_size_field] = expert_size
+    else:  # every layer is MoE (Mixtral, FlexOlmo): intermediate_size is the experts' width
+        fields["intermediate_size"] = expert_size
     if family.dense_layers_field:
         fields[family.dense_layers_field] = [
             i for i in range(config.text_config.num_hidden_layers) if i not in config.moe_layers
@@ -365,15 +373,6 @@ def import_problems(family: NativeFamily, native) -> list[str]:
             problems.append(
                 f"hf_moe can only import {family.model_type} with {field}={value!r}, got {getattr(native, field)!r}"
             )
-    dense_layers = _dense_layers(family, native)
-    if family.expert_size_field and dense_layers:
-        expert_size = getattr(native, family.expert_size_field)
-        if expert_size != native.intermediate_size:
-            problems.append(
-                f"the experts' size {family.expert_size_field}={expert_size} differs from the dense layers' MLP size "
-                f"intermediate_size={native.intermediate_size} (dense layers {dense_layers}); hf_moe experts are "
-                "copies of the backbone's MLP"
-            )
     return problems
 
 
@@ -392,10 +391,15 @@ def imported_settings(family: NativeFamily, native) -> tuple[dict, dict]:
     dense = {k: v for k, v in native.to_dict().items() if k in known and k not in BOOKKEEPING_FIELDS}
     if "head_dim" in known:  # e.g. qwen3 defaults head_dim to 128, qwen3_moe to hidden_size // heads
         dense["head_dim"] = getattr(native, "head_dim", None) or native.hidden_size // native.num_attention_heads
-    if family.expert_size_field:
-        dense["intermediate_size"] = getattr(native, family.expert_size_field)
     dense_layers = _dense_layers(family, native)
-    moe = {
+    expert_size = getattr(native, family.expert_size_field) if family.expert_size_field else None
+    moe = {}
+    if expert_size is not None and expert_size != native.intermediate_size:
+        if dense_layers:  # the dense layers keep their MLP; the experts are narrower or wider (moe_intermediate_size)
+            moe["moe_intermediate_size"] = expert_size
+        else:  # no dense MLP is ever built: the backbone's MLP is the experts' (as for Mixtral)
+            dense["intermediate_size"] = expert_size
+    moe |= {
         "num_experts": getattr(native, family.num_experts_field),
         "num_experts_per_tok": native.num_experts_per_tok,
         "norm_topk_prob": getattr(native, family.norm_topk_prob_field) if family.norm_topk_prob_field else True,
