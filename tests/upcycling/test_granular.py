@@ -115,6 +115,9 @@ def test_noise_and_drop_change_the_function_and_verify_measures_it(save_dense, t
         report = json.loads((output / "config.json").read_text())["upcycling"]["verification"]
         assert report["function_preserving"] is False and report["passed"] is True
         assert report["model_max_relative_deviation"] > 1e-3
+        card = (output / "README.md").read_text()
+        assert "fine-grained upcycling (He et al. 2024, arXiv 2410.07524) with granularity 2" in card
+        assert "| experts per MoE layer | 4 of width 24 (2 virtual groups x 2 shards) |" in card
         moe = AutoModelForCausalLM.from_pretrained(output)
         assert relative_deviation(logits(moe, input_ids), logits(dense, input_ids)) > 1e-3
         experts = moe.backbone.model.layers[1].mlp.experts.down_proj.weight  # (4, hidden, I / 2)
