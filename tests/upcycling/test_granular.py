@@ -313,3 +313,17 @@ def test_granular_checkpoint_loads_as_remote_code_without_hf_moe(save_dense, tmp
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert relative_deviation(torch.load(tmp_path / "o.pt"), logits(dense, input_ids)) <= TOLERANCE
+
+
+def test_plan_counts_the_same_parameters_as_coarse_upcycling():
+    """E * G experts of width I / G hold the parameters of E dense copies, and top-(k * G) of them are as many
+    active parameters as top-k copies; only the router grows (E * G rows)."""
+    from hf_moe.upcycling import plan_upcycling
+
+    config = tiny_dense("qwen3").config
+    coarse = plan_upcycling(config, num_experts=4, moe_layers="all")
+    fine = plan_upcycling(config, num_experts=4, granularity=4, moe_layers="all")
+    routers = 3 * (16 - 4) * config.hidden_size  # 3 layers, 12 more rows each
+    assert fine.expert_parameters == coarse.expert_parameters
+    assert fine.total_parameters - coarse.total_parameters == routers
+    assert fine.active_parameters - coarse.active_parameters == routers
