@@ -8,7 +8,9 @@ and import (`hf_moe.upcycling.export`) both read these tables, in opposite direc
 
 The mappings are exact (same function, bit-identical tensors): the native families route like
 hf_moe's token-choice router (softmax over the experts in float32, top-k, optionally renormalised;
-Mixtral §2.1) and run each expert as the dense gated MLP, with no token dropping.
+Mixtral §2.1) and run each expert as the dense gated MLP, with no token dropping. Fine-grained experts
+(``moe_intermediate_size``, from ``granularity``) keep their width: as ``moe_intermediate_size`` where the
+family has that field, as ``intermediate_size`` where every layer is MoE (Mixtral, FlexOlmo).
 """
 
 import dataclasses
