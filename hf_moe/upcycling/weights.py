@@ -418,8 +418,9 @@ def granular_experts(
     """Every expert's version of dense tensor ``name``, in expert order; with granularity G, expert
     ``e * G + g`` is shard g of copy e (virtual group e).
 
-    Fine-grained upcycling with virtual groups (He et al. 2024, "Upcycling Large Language Models into
-    Mixture of Experts", arXiv 2410.07524, §3; Megatron-Core's ``upcycling_utils.py``). A dense MLP
+    Fine-grained upcycling with the paper's "virtual group" initialisation and weight scaling (He et al.
+    2024, "Upcycling Large Language Models into Mixture of Experts", arXiv 2410.07524; as implemented in
+    Megatron-Core's ``megatron/core/transformer/moe/upcycling_utils.py``). A dense MLP
     F(x) = W_down a(W_gate x, W_up x) + b splits along its intermediate neurons into G shards,
     F(x) = sum_g W_down[:, g] a_g(x) + b, where shard g keeps rows g of W_gate / W_up (and their biases)
     and columns g of W_down. With E groups of G shards, E * G experts of width I / G:
@@ -445,12 +446,12 @@ def granular_experts(
     topK-then-softmax router (renormalised, as here) it scales by G too, but spreads the factor over
     both projections (G^(1/3) on each of fc1 and fc2 for gated units, G^(1/2) otherwise), which is
     exact only for positively homogeneous activations (ReLU, squared ReLU); scaling the output
-    projection alone is exact for SiLU and GELU too. For raw softmax-then-topK gates the paper scales
-    by E * G^2 / T (T = k * G), making the output right only for uniform router probabilities at
-    initialisation; here raw gates (``norm_topk_prob=False``) with the factor G compute exactly what
-    coarse (G = 1) raw-gate upcycling computes with the same E router rows, the sum of the selected
-    groups' probabilities times F(x), which is not the dense function (measured, not asserted, by
-    ``verify``). ``noise`` and ``drop`` apply per expert, to its shard, before the scaling.
+    projection alone is exact for SiLU and GELU too. For raw softmax-then-topK gates (the paper's
+    preferred router) Megatron-Core scales by E * G^2 / T (T = k * G), which gives the dense output only
+    for uniform router probabilities, so not exactly. Here raw gates (``norm_topk_prob=False``) with the
+    factor G compute exactly what coarse (G = 1) raw-gate upcycling computes with the same E router
+    rows, the sum of the selected groups' probabilities times F(x), which is not the dense function
+    (measured, not asserted, by ``verify``). ``noise`` and ``drop`` apply per expert, to its shard, before the scaling.
     """
     granularity = info.granularity
     if granularity is None:
