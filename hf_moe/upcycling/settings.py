@@ -616,18 +616,23 @@ class PlanOptions:
         if problems:
             raise OptionsError(problems, "Invalid training layout")
 
-    def check_experts(self, num_experts: int) -> None:
-        if isinstance(num_experts, int) and num_experts % self.ep_size:
-            raise OptionsError(
-                [
-                    (
-                        "{ep_size} must divide {num_experts} (each rank holds num_experts / ep_size experts), "
-                        "got {ep_size=}, {num_experts=}",
-                        {"ep_size": self.ep_size, "num_experts": num_experts},
-                    )
-                ],
-                "Invalid training layout",
+    def check_experts(self, num_experts: int, granularity: int = 1) -> None:
+        """Every rank holds the same number of experts: ``num_experts`` (times ``granularity``, the shards of each)."""
+        if not isinstance(num_experts, int) or (num_experts * granularity) % self.ep_size == 0:
+            return
+        if granularity == 1:
+            problem = (
+                "{ep_size} must divide {num_experts} (each rank holds num_experts / ep_size experts), "
+                "got {ep_size=}, {num_experts=}",
+                {"ep_size": self.ep_size, "num_experts": num_experts},
             )
+        else:
+            problem = (
+                "{ep_size} must divide the {num_experts} x {granularity} experts (each rank holds the same "
+                "number), got {ep_size=}, {num_experts=}, {granularity=}",
+                {"ep_size": self.ep_size, "num_experts": num_experts, "granularity": granularity},
+            )
+        raise OptionsError([problem], "Invalid training layout")
 
 
 def split_options(options: dict, *classes) -> list[dict]:

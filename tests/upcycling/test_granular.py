@@ -327,3 +327,13 @@ def test_plan_counts_the_same_parameters_as_coarse_upcycling():
     assert fine.expert_parameters == coarse.expert_parameters
     assert fine.total_parameters - coarse.total_parameters == routers
     assert fine.active_parameters - coarse.active_parameters == routers
+
+
+def test_plan_counts_every_shard_for_expert_parallelism():
+    from hf_moe.upcycling import plan_upcycling
+
+    config = tiny_dense("qwen3").config
+    plan = plan_upcycling(config, num_experts=3, granularity=2, moe_layers="all", ep_size=2, fsdp_size=2)
+    assert plan.training.ep_size == 2  # 6 experts split over 2 ranks, though 3 groups would not split
+    with pytest.raises(OptionsError, match=r"ep_size must divide the num_experts x granularity experts .*got "):
+        plan_upcycling(config, num_experts=3, granularity=2, moe_layers="all", ep_size=4, fsdp_size=4)
