@@ -4,7 +4,8 @@ Logged to whatever ``report_to`` is set (the callback adds its values to the tra
 
 - training: ``aux_loss``, ``z_loss``, ``router_loss`` (coefficients applied), ``task_loss`` (= ``loss`` minus
   the router terms), per MoE layer the expert load, balance and dropped fraction, and for any model
-  (the dense control too) ``step_seconds`` and ``tokens_per_second``;
+  (the dense control too) ``step_seconds`` (wall clock), ``step_cpu_seconds`` (this process's CPU time, all its
+  threads: a measure of work that other jobs on a shared machine do not inflate) and ``tokens_per_second``;
 - evaluation: ``eval_task_loss`` and (causal LMs) ``eval_perplexity`` without the router terms
   (``eval_loss`` includes them), the router terms separately, and ``eval_gap``: validation minus
   training task loss (a training subset scored in evaluation mode when the trainer evaluates one,
@@ -86,6 +87,8 @@ class MoeCallback(TrainerCallback):
         self.is_causal_lm = False
         self.step_started = 0.0
         self.step_seconds: list[float] = []
+        self.step_cpu_started = 0.0
+        self.step_cpu_seconds: list[float] = []
         self.last_train_task_loss: float | None = None
         self.last_eval_load: dict | None = None
         self.task_losses_at_step: dict[str, float] = {}
@@ -118,9 +121,11 @@ class MoeCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.step_started = time.perf_counter()
+        self.step_cpu_started = time.process_time()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.step_seconds.append(time.perf_counter() - self.step_started)
+        self.step_cpu_seconds.append(time.process_time() - self.step_cpu_started)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None:
@@ -162,7 +167,8 @@ class MoeCallback(TrainerCallback):
             seconds = sum(self.step_seconds)
             scalars["step_seconds"] = seconds / len(self.step_seconds)
             scalars["tokens_per_second"] = window.tokens / seconds if seconds > 0 else 0.0
-            self.step_seconds = []
+            scalars["step_cpu_seconds"] = sum(self.step_cpu_seconds) / len(self.step_cpu_seconds)
+            self.step_seconds, self.step_cpu_seconds = [], []
         logs.update(scalars)
 
     def _log_eval(self, logs: dict, prefix: str, step: int) -> None:

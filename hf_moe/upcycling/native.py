@@ -256,12 +256,12 @@ def export_problems(config, head: int, flags: bool = False) -> list[str]:
         fix = "upcycle with --moe-layers all" if flags else "upcycle with moe_layers='all'"
         problems.append(f"{family.model_type} needs every layer MoE, got moe_layers {config.moe_layers}: {fix}")
     if family.norm_topk_prob_field is None and not config.norm_topk_prob:
-        fix = "upcycle without --no-norm-topk-prob" if flags else "upcycle with norm_topk_prob=True"
+        fix = "upcycle with --norm-topk-prob true" if flags else "upcycle with norm_topk_prob=True"
         problems.append(
             f"{family.model_type} renormalises top-k gates; this model uses raw gates (norm_topk_prob=False): {fix}"
         )
     if config.eval_capacity_factor is not None:
-        fix = "--eval-capacity-factor none" if flags else "eval_capacity_factor=None"
+        fix = "--eval-capacity-factor dropless" if flags else "eval_capacity_factor='dropless'"
         problems.append(
             f"evaluation capacity factor {config.eval_capacity_factor} drops tokens; native models are dropless "
             f"(set {fix})"

@@ -210,6 +210,12 @@ class RoutingOptions:
         return problems
 
 
+def takes_top_k(config_class) -> bool:
+    """Whether a routing picks each token's top-k experts (Switch, and any registered token-choice routing with
+    ``num_experts_per_tok`` and ``norm_topk_prob``): upcycling then defaults to renormalised top-2."""
+    return set(UPCYCLING_DEFAULTS) <= set(config_fields(config_class))
+
+
 def routing_defaults(name: str) -> str:
     """What an unset routing field becomes, read from the config classes: ``"switch 1.25, expert_choice 2.0"``."""
     found = []
@@ -217,7 +223,7 @@ def routing_defaults(name: str) -> str:
         default = next((f.default for f in dataclasses.fields(config_class) if f.name == name), dataclasses.MISSING)
         if default is dataclasses.MISSING:
             continue
-        if name in UPCYCLING_DEFAULTS and routing == "switch":
+        if name in UPCYCLING_DEFAULTS and takes_top_k(config_class):
             default = f"{UPCYCLING_DEFAULTS[name]} when upcycling, else {default}"
         elif default is None and name.endswith("capacity_factor"):
             default = DROPLESS
@@ -433,12 +439,20 @@ class UpcyclingSettings(RoutingOptions, UpcyclingScheme):
         unknown = sorted(set(options) - known)
         if unknown:
             raise TypeError(f"unknown upcycling options {unknown}; the options are {sorted(known)}")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            # The MoE config stores no limit as None, and this API once took None for it: refuse None rather than
+            # read it as "unset" (the routing's default, which for capacity_factor is a limit).
+            if name in options and options[name] is None:
+                raise ValueError(
+                    f"{name}=None is ambiguous: no capacity limit is {name}={DROPLESS!r}; leave {name} out for the "
+                    "routing's default"
+                )
         return cls(**options)
 
     def build_config(self, text_config: PreTrainedConfig, upcycling: dict | None = None) -> PreTrainedConfig:
         """The MoE config around ``text_config``; the config class validates the routing settings."""
         overrides = self.routing_values()
-        if self.routing == "switch":
+        if takes_top_k(ROUTINGS[self.routing]):
             overrides.setdefault("norm_topk_prob", UPCYCLING_NORM_TOPK_PROB)
             overrides.setdefault("num_experts_per_tok", min(UPCYCLING_TOP_K, self.num_experts))  # 1 expert: top-1
         num_experts = self.num_experts
@@ -451,7 +465,7 @@ class UpcyclingSettings(RoutingOptions, UpcyclingScheme):
         if upcycling is not None:
             config.upcycling = upcycling
         if (
-            self.routing == "switch"
+            takes_top_k(ROUTINGS[self.routing])
             and config.num_experts_per_tok == 1
             and config.norm_topk_prob
             and config.num_experts > 1

@@ -223,7 +223,7 @@ def test_upcycle_format_native_refuses_before_writing_with_flag_names(save_dense
     def call():
         upcycle_checkpoint(dense_folder, tmp_path / "out", format="native", norm_topk_prob=False, progress=False)
 
-    refused(call, r"upcycle with --moe-layers all[\s\S]*upcycle without --no-norm-topk-prob", tmp_path)
+    refused(call, r"upcycle with --moe-layers all[\s\S]*upcycle with --norm-topk-prob true", tmp_path)
     refused(
         lambda: upcycle_checkpoint(dense_folder, tmp_path / "out", format="gguf"), "format must be one of", tmp_path
     )

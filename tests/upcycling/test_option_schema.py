@@ -234,3 +234,11 @@ def test_a_recipe_upcycling_with_last_half_loads(save_dense):
     model = load_model_for_finetuning(arguments, AutoModelForCausalLM)
     assert model.config.moe_layers == [2, 3] and model.config.capacity_factor is None
     assert arguments.upcycle["moe_layers"] == "last_half" and arguments.upcycle["routing"] == "switch"
+
+
+@pytest.mark.parametrize("name", ["capacity_factor", "eval_capacity_factor"])
+def test_api_refuses_none_for_a_capacity_rather_than_guess(name):
+    """None once meant "no limit" in the API; read as "unset" it would quietly give capacity_factor's 1.25."""
+    with pytest.raises(ValueError, match=rf"{name}=None is ambiguous: no capacity limit is {name}='dropless'"):
+        UpcyclingSettings.from_options(None, {name: None})
+    assert UpcyclingSettings.from_options(None, {name: "dropless"}).routing_values()[name] is None
