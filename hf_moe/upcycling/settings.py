@@ -378,11 +378,7 @@ class UpcyclingScheme:
             problems.append((f"{{seed}} must be an integer >= 0, got {_got(self.seed)}", {}))
         if isinstance(self.granularity, bool) or not isinstance(self.granularity, int) or self.granularity < 1:
             problems.append((f"{{granularity}} must be an integer >= 1, got {_got(self.granularity)}", {}))
-        elif (
-            self.granularity > 1
-            and self.routing in ROUTINGS
-            and "num_experts_per_tok" not in config_fields(ROUTINGS[self.routing])
-        ):
+        elif self.granularity > 1 and self.routing in ROUTINGS and not takes_top_k(ROUTINGS[self.routing]):
             problems.append(
                 (
                     "{granularity} needs top-k token choice (virtual groups select whole groups of shards), "
