@@ -50,6 +50,19 @@ CASES = {
         "qwen2",
         dict(moe_layers="all", shared_expert=True),
     ),
+    # Fine-grained upcycling (He et al. 2024): 8 virtual groups of G shards, E * G experts of width I / G, top-2G.
+    "qwen3 -> qwen3_moe fine-grained (granularity 4: 32 experts of width 128, top-8), every layer MoE": (
+        "qwen3",
+        dict(moe_layers="all", granularity=4),
+    ),
+    "qwen3 -> qwen3_moe fine-grained (granularity 2: 16 experts of width 256, top-4), MoE every other layer": (
+        "qwen3",
+        dict(moe_layers="every_other", granularity=2),
+    ),
+    "llama -> mixtral fine-grained (granularity 2: 16 experts of width 256, top-4), every layer MoE": (
+        "llama",
+        dict(moe_layers="all", granularity=2),
+    ),
 }
 VOCAB = 256
 SIZES = dict(

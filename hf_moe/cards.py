@@ -80,6 +80,18 @@ def upcycled_model_card(
             "from the statistics of the replaced weights"
         ),
     }[upcycling["expert_init"]]
+    num_experts = config.num_experts
+    granularity = upcycling.get("granularity", 1)
+    if granularity > 1:
+        groups, width = config.num_experts // granularity, config.moe_intermediate_size
+        num_experts = f"{config.num_experts} of width {width} ({groups} virtual groups x {granularity} shards)"
+        init = (
+            f"fine-grained upcycling (He et al. 2024, arXiv 2410.07524) with granularity {granularity}: expert "
+            f"e * {granularity} + g holds shard g of the dense MLP's intermediate neurons (width {width}), its output "
+            f"projection scaled by {granularity}; the {granularity} experts of a virtual group share one router row, "
+            "so top-k selects whole groups and renormalised gates give the dense function; "
+            + init.replace("the dense MLP", "its shard of the dense MLP")
+        )
     if getattr(config, "shared_expert_intermediate_size", None):
         init += "; " + shared_expert_summary(config, upcycling.get("shared_expert") or {})
     base_model = upcycling["source"] if upcycling.get("revision") else None
@@ -100,7 +112,7 @@ def upcycled_model_card(
         model_type=config.model_type,
         model_class=model_class.__name__,
         auto_class=model_class.dense_auto_class.__name__,
-        num_experts=config.num_experts,
+        num_experts=num_experts,
         routing=routing,
         capacity=capacity,
         moe_layers=", ".join(str(i) for i in config.moe_layers),

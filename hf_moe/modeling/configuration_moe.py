@@ -63,6 +63,8 @@ class MoeConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     num_experts: int = 8
     moe_layers: list[int] | str = "every_other"
+    # The experts' intermediate width (transformers' name, as in Qwen3-MoE); None: the dense MLP's own.
+    moe_intermediate_size: int | None = None
     router_z_loss_coef: float = 1e-3
     expert_dropout: float = 0.0
     router_init_std: float = 0.02
@@ -128,6 +130,9 @@ class MoeConfig(PreTrainedConfig):
                 problems.append("moe_layers must name at least one layer, got []")
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
             problems.append(f"num_experts must be an integer >= 1, got {self.num_experts!r}")
+        size = self.moe_intermediate_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            problems.append(f"moe_intermediate_size must be an integer >= 1 or None (the dense MLP's), got {size!r}")
         problems += check_number("router_z_loss_coef", self.router_z_loss_coef, ">= 0", lambda v: v >= 0)
         problems += check_number("router_init_std", self.router_init_std, ">= 0", lambda v: v >= 0)
         problems += check_number("expert_dropout", self.expert_dropout, "in [0, 1)", lambda v: 0 <= v < 1)

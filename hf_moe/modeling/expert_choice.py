@@ -23,8 +23,9 @@ class ExpertChoiceMoeConfig(MoeConfig):
     r"""Expert-choice MoE (Zhou et al. 2022): each expert takes its top-C tokens of a sequence.
 
     Args:
-        text_config, num_experts, moe_layers, router_z_loss_coef, expert_dropout, router_init_std,
-        output_router_logits, shared_expert_intermediate_size, shared_expert_gate: as in [`SwitchMoeConfig`].
+        text_config, num_experts, moe_layers, moe_intermediate_size, router_z_loss_coef, expert_dropout,
+        router_init_std, output_router_logits, shared_expert_intermediate_size, shared_expert_gate: as in
+        [`SwitchMoeConfig`].
         capacity_factor: c of the paper; each expert takes ``C = round(c * seq_len / num_experts)``
             tokens of each sequence (default 2.0, Zhou et al. eq. 1).
         inference_routing: routing outside training. ``"expert_choice"``: as in training (looks at the

@@ -254,6 +254,21 @@ def dense_linear_layers(mlp: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in mlp.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
 
 
+def _output_layers(linears: list[tuple[str, nn.Module]], hidden_size: int) -> list[str]:
+    """Names of the layers writing back to the hidden size (an MLP has exactly one)."""
+    return [name for name, m in linears if _linear_dims(m)[1] == hidden_size]
+
+
+def mlp_intermediate_size(mlp: nn.Module, hidden_size: int) -> int | None:
+    """The intermediate width I of a dense MLP: the input size of its output projection (None when
+    the MLP has no single output projection)."""
+    linears = dense_linear_layers(mlp)
+    output_layers = _output_layers(linears, hidden_size)
+    if len(output_layers) != 1:
+        return None
+    return _linear_dims(mlp.get_submodule(output_layers[0]))[0]
+
+
 def make_experts(
     mlp: nn.Module,
     num_experts: int,
@@ -261,12 +276,18 @@ def make_experts(
     expert_dropout: float,
     model_type: str,
     expert_parallel_size: int = 1,
+    intermediate_size: int | None = None,
 ) -> GroupedExperts:
     """Turn a dense MLP module in place into E experts; returns the same module object, now a
     `GroupedExperts`.
 
     Every weight holds all E experts; under expert parallelism (``expert_parallel_size`` ranks)
     transformers then splits them on the expert dim, and this module is told its share now.
+    ``intermediate_size`` (the config's ``moe_intermediate_size``; None: the dense MLP's own width I)
+    is the experts' width: every dimension indexed by intermediate neurons shrinks to it, the output
+    projection's input and the input projections' outputs (a fused gate/up projection of 2I outputs
+    gets 2 * intermediate_size), as fine-grained experts narrower than the dense MLP (Dai et al. 2024,
+    "DeepSeekMoE", §3.1; transformers' ``moe_intermediate_size``).
     Raises a ValueError naming the backbone when the MLP's linear layers cannot be identified.
     """
     linears = dense_linear_layers(mlp)
@@ -275,16 +296,28 @@ def make_experts(
             f"Cannot build experts for model_type {model_type!r}: its feed-forward block {type(mlp).__name__} "
             "has no nn.Linear or Conv1D layer to give an expert dimension"
         )
-    output_layers = [name for name, m in linears if _linear_dims(m)[1] == hidden_size]
+    output_layers = _output_layers(linears, hidden_size)
     if len(output_layers) != 1:
         raise ValueError(
             f"Cannot build experts for model_type {model_type!r}: expected exactly one output projection "
             f"(a linear layer with out_features == hidden_size {hidden_size}) in {type(mlp).__name__}, "
             f"found {output_layers or 'none'}"
         )
+    dense_width = _linear_dims(mlp.get_submodule(output_layers[0]))[0]
+    width = intermediate_size or dense_width
     layout = ExpertLayout()
     for name, dense in linears:
         in_features, out_features, weight_layout = _linear_dims(dense)
+        if width != dense_width:
+            if name == output_layers[0]:
+                in_features = width
+            elif out_features % dense_width == 0:
+                out_features = out_features // dense_width * width
+            else:
+                raise ValueError(
+                    f"Cannot build experts of moe_intermediate_size {width} for model_type {model_type!r}: "
+                    f"{name} has {out_features} outputs, not a multiple of the MLP's intermediate size {dense_width}"
+                )
         grouped = GroupedLinear(
             num_experts,
             in_features,

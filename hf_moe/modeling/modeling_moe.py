@@ -234,6 +234,7 @@ class MoePreTrainedModel(PreTrainedModel):
                 config.expert_dropout,
                 config.text_config.model_type,
                 expert_parallel_size,
+                config.moe_intermediate_size,
             )
             router = self.routing_method.make_router(self, hidden_size, weight.dtype, weight.device)
             setattr(parent, child, MoeBlock(router, experts, shared_expert, shared_expert_gate))

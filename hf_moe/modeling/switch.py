@@ -24,6 +24,8 @@ class SwitchMoeConfig(MoeConfig):
         num_experts: experts per MoE layer.
         moe_layers: explicit layer indices, or ``"every_other"`` (odd layers), ``"all"``, ``"last_half"``;
             stored resolved to indices.
+        moe_intermediate_size: the experts' intermediate width; ``None`` (default) = the dense MLP's. Narrower
+            experts are fine-grained ones (upcycled with ``granularity``: each a shard of the dense MLP).
         num_experts_per_tok: k of top-k.
         norm_topk_prob: ``False`` scales each expert output by its gate probability (Switch eq. 2);
             ``True`` renormalises the k gates to sum 1 (Mixtral), which makes an upcycled model

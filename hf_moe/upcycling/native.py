@@ -8,7 +8,9 @@ and import (`hf_moe.upcycling.export`) both read these tables, in opposite direc
 
 The mappings are exact (same function, bit-identical tensors): the native families route like
 hf_moe's token-choice router (softmax over the experts in float32, top-k, optionally renormalised;
-Mixtral §2.1) and run each expert as the dense gated MLP, with no token dropping.
+Mixtral §2.1) and run each expert as the dense gated MLP, with no token dropping. Fine-grained experts
+(``moe_intermediate_size``, from ``granularity``) keep their width: as ``moe_intermediate_size`` where the
+family has that field, as ``intermediate_size`` where every layer is MoE (Mixtral, FlexOlmo).
 """
 
 import dataclasses
@@ -349,6 +351,11 @@ def serving_limits(config, family: NativeFamily, native) -> list[str]:
     return limits
 
 
+def expert_intermediate_size(config) -> int:
+    """The experts' width: ``moe_intermediate_size`` (fine-grained experts), else the dense MLP's."""
+    return getattr(config, "moe_intermediate_size", None) or config.text_config.intermediate_size
+
+
 def native_config(family: NativeFamily, config, head: int):
     """The native config of an exportable hf_moe ``config``: the backbone's fields the native
     config knows (plus head_dim), then the MoE fields."""
@@ -364,8 +371,11 @@ def native_config(family: NativeFamily, config, head: int):
     fields["output_router_logits"] = False
     if family.norm_topk_prob_field:
         fields[family.norm_topk_prob_field] = config.norm_topk_prob
+    expert_size = expert_intermediate_size(config)
     if family.expert_size_field:
-        fields[family.expert_size_field] = config.text_config.intermediate_size
+        fields[family.expert_size_field] = expert_size
+    else:  # every layer is MoE (Mixtral, FlexOlmo): intermediate_size is the experts' width
+        fields["intermediate_size"] = expert_size
     if family.shared_expert_field and getattr(config, "shared_expert_intermediate_size", None):
         fields[family.shared_expert_field] = config.shared_expert_intermediate_size
     if family.dense_layers_field:
@@ -388,15 +398,6 @@ def import_problems(family: NativeFamily, native) -> list[str]:
             problems.append(
                 f"hf_moe can only import {family.model_type} with {field}={value!r}, got {getattr(native, field)!r}"
             )
-    dense_layers = _dense_layers(family, native)
-    if family.expert_size_field and dense_layers:
-        expert_size = getattr(native, family.expert_size_field)
-        if expert_size != native.intermediate_size:
-            problems.append(
-                f"the experts' size {family.expert_size_field}={expert_size} differs from the dense layers' MLP size "
-                f"intermediate_size={native.intermediate_size} (dense layers {dense_layers}); hf_moe experts are "
-                "copies of the backbone's MLP"
-            )
     return problems
 
 
@@ -415,10 +416,15 @@ def imported_settings(family: NativeFamily, native) -> tuple[dict, dict]:
     dense = {k: v for k, v in native.to_dict().items() if k in known and k not in BOOKKEEPING_FIELDS}
     if "head_dim" in known:  # e.g. qwen3 defaults head_dim to 128, qwen3_moe to hidden_size // heads
         dense["head_dim"] = getattr(native, "head_dim", None) or native.hidden_size // native.num_attention_heads
-    if family.expert_size_field:
-        dense["intermediate_size"] = getattr(native, family.expert_size_field)
     dense_layers = _dense_layers(family, native)
-    moe = {
+    expert_size = getattr(native, family.expert_size_field) if family.expert_size_field else None
+    moe = {}
+    if expert_size is not None and expert_size != native.intermediate_size:
+        if dense_layers:  # the dense layers keep their MLP; the experts are narrower or wider (moe_intermediate_size)
+            moe["moe_intermediate_size"] = expert_size
+        else:  # no dense MLP is ever built: the backbone's MLP is the experts' (as for Mixtral)
+            dense["intermediate_size"] = expert_size
+    moe |= {
         "num_experts": getattr(native, family.num_experts_field),
         "num_experts_per_tok": native.num_experts_per_tok,
         "norm_topk_prob": getattr(native, family.norm_topk_prob_field) if family.norm_topk_prob_field else True,

@@ -201,7 +201,7 @@ def plan_upcycling(
     settings = UpcyclingSettings.from_options(settings, scheme)
     checkpoint = CheckpointOptions(**writing)
     layout = PlanOptions(**{**layout, "plan": True})
-    layout.check_experts(settings.num_experts)
+    layout.check_experts(settings.num_experts, settings.granularity)
     ep_size, fsdp_size, verify = layout.ep_size, layout.fsdp_size, checkpoint.verify
     param_dtype = _train_dtype(train_dtype)
     target_dtype = parse_dtype(checkpoint.dtype)

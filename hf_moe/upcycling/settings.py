@@ -17,9 +17,12 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
-from transformers import LlamaConfig, PreTrainedConfig
+import torch
+from transformers import AutoModel, LlamaConfig, PreTrainedConfig
 
 from ..checkpoints.units import DTYPES, parse_dtype, parse_size
+from ..modeling import find_feed_forward_blocks
+from ..modeling.experts import mlp_intermediate_size
 from ..modeling.registry import ROUTING_CONFIGS
 from ..options import OptionsError, literal, option_error
 
@@ -249,6 +252,24 @@ def _probe_text_config() -> PreTrainedConfig:
     return LlamaConfig(num_hidden_layers=2, hidden_size=8, intermediate_size=8, num_attention_heads=1, vocab_size=8)
 
 
+def dense_intermediate_size(text_config: PreTrainedConfig) -> int:
+    """The intermediate width I of the dense MLP ``text_config`` describes, read off a meta-device model
+    (``intermediate_size``, GPT-2's ``n_inner`` or ``4 * n_embd``, a fused gate/up projection: one rule)."""
+    with torch.device("meta"):
+        dense = AutoModel.from_config(text_config)
+    try:
+        block = next(iter(find_feed_forward_blocks(dense, text_config).values()))
+    except ValueError as error:
+        raise ValueError(f"granularity needs the dense MLP's intermediate size: {error}") from None
+    width = mlp_intermediate_size(dense.get_submodule(block), text_config.hidden_size)
+    if width is None:
+        raise ValueError(
+            f"granularity needs the dense MLP's intermediate size, but {block} of model_type "
+            f"{text_config.model_type!r} has no single output projection"
+        )
+    return width
+
+
 def build_moe_config(config_class, text_config, num_experts, moe_layers, values: dict) -> PreTrainedConfig:
     """``config_class`` around ``text_config``; its problems come out as an `OptionsError` naming each field."""
     try:
@@ -340,6 +361,14 @@ class UpcyclingScheme:
             "the shared output projection at twice the dense one, so 0.5 * 2 keeps the dense function exactly"
         ),
     )
+    granularity: int = field(
+        default=1,
+        metadata=_help(
+            "fine-grained upcycling (He et al. 2024, arXiv 2410.07524): split each MLP into G shards of its "
+            "intermediate size, making num_experts * G experts of width I/G routed top-(num_experts_per_tok * G); "
+            "G must divide I. Virtual-group initialisation keeps the dense function at step 0 (switch routing only)"
+        ),
+    )
 
     def _scheme_problems(self) -> list[tuple[str, dict]]:
         problems = []
@@ -386,6 +415,24 @@ class UpcyclingScheme:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             problems.append((f"{{seed}} must be an integer >= 0, got {_got(self.seed)}", {}))
         problems += self._shared_expert_problems()
+        if isinstance(self.granularity, bool) or not isinstance(self.granularity, int) or self.granularity < 1:
+            problems.append((f"{{granularity}} must be an integer >= 1, got {_got(self.granularity)}", {}))
+        elif self.granularity > 1 and self.routing in ROUTINGS and not takes_top_k(ROUTINGS[self.routing]):
+            problems.append(
+                (
+                    "{granularity} needs top-k token choice (virtual groups select whole groups of shards), "
+                    "which {routing=} does not route by; use {routing=switch}, got {granularity=}",
+                    {"routing": self.routing, "granularity": self.granularity},
+                )
+            )
+        if self.shared_expert and isinstance(self.granularity, int) and self.granularity > 1:
+            problems.append(
+                (
+                    "{shared_expert} and {granularity} > 1 do not combine yet (the shared expert's split keeps "
+                    "full-width routed experts); choose one, got {granularity=}",
+                    {"granularity": self.granularity},
+                )
+            )
         defaults = {f.name: f.default for f in dataclasses.fields(UpcyclingScheme)}
         for name, scheme in (("noise_std", "noise"), ("drop_ratio", "drop")):
             if (
@@ -501,10 +548,16 @@ class UpcyclingSettings(RoutingOptions, UpcyclingScheme):
         if takes_top_k(ROUTINGS[self.routing]):
             overrides.setdefault("norm_topk_prob", UPCYCLING_NORM_TOPK_PROB)
             overrides.setdefault("num_experts_per_tok", min(UPCYCLING_TOP_K, self.num_experts))  # 1 expert: top-1
+        num_experts = self.num_experts
+        if self.granularity > 1:
+            # E virtual groups of G shards each: E * G experts of width I / G, top-(k * G) (`granular_experts`).
+            overrides["moe_intermediate_size"] = self.expert_intermediate_size(text_config)
+            overrides["num_experts_per_tok"] *= self.granularity
+            num_experts *= self.granularity
         shared_width = self.shared_expert_width(text_config)
         if shared_width is not None:
             overrides.update(shared_expert_intermediate_size=shared_width, shared_expert_gate=self.shared_expert_gate)
-        config = build_moe_config(ROUTINGS[self.routing], text_config, self.num_experts, self.moe_layers, overrides)
+        config = build_moe_config(ROUTINGS[self.routing], text_config, num_experts, self.moe_layers, overrides)
         if upcycling is not None:
             config.upcycling = upcycling
         if (
@@ -525,9 +578,27 @@ class UpcyclingSettings(RoutingOptions, UpcyclingScheme):
             )
         return config
 
+    def expert_intermediate_size(self, text_config: PreTrainedConfig) -> int:
+        """I / G: the width of each shard of the dense MLP (``granularity`` G must divide its width I)."""
+        width = dense_intermediate_size(text_config)
+        if width % self.granularity:
+            raise OptionsError(
+                [
+                    (
+                        f"{{granularity}} must divide the dense MLP's intermediate size ({width} for this "
+                        f"{text_config.model_type} model), got {{granularity=}}",
+                        {"granularity": self.granularity},
+                    )
+                ],
+                "Invalid upcycling settings",
+            )
+        return width // self.granularity
+
     def record(self) -> dict:
         """The resolved scheme, as stored in the ``upcycling`` entry of config.json."""
         scheme = {"routing": self.routing, "expert_init": self.expert_init, "seed": self.seed}
+        if self.granularity > 1:
+            scheme["granularity"] = self.granularity
         if self.expert_init == "noise":
             scheme["noise_std"] = self.noise_std
         if self.expert_init == "drop":
@@ -657,18 +728,23 @@ class PlanOptions:
         if problems:
             raise OptionsError(problems, "Invalid training layout")
 
-    def check_experts(self, num_experts: int) -> None:
-        if isinstance(num_experts, int) and num_experts % self.ep_size:
-            raise OptionsError(
-                [
-                    (
-                        "{ep_size} must divide {num_experts} (each rank holds num_experts / ep_size experts), "
-                        "got {ep_size=}, {num_experts=}",
-                        {"ep_size": self.ep_size, "num_experts": num_experts},
-                    )
-                ],
-                "Invalid training layout",
+    def check_experts(self, num_experts: int, granularity: int = 1) -> None:
+        """Every rank holds the same number of experts: ``num_experts`` (times ``granularity``, the shards of each)."""
+        if not isinstance(num_experts, int) or (num_experts * granularity) % self.ep_size == 0:
+            return
+        if granularity == 1:
+            problem = (
+                "{ep_size} must divide {num_experts} (each rank holds num_experts / ep_size experts), "
+                "got {ep_size=}, {num_experts=}",
+                {"ep_size": self.ep_size, "num_experts": num_experts},
             )
+        else:
+            problem = (
+                "{ep_size} must divide the {num_experts} x {granularity} experts (each rank holds the same "
+                "number), got {ep_size=}, {num_experts=}, {granularity=}",
+                {"ep_size": self.ep_size, "num_experts": num_experts, "granularity": granularity},
+            )
+        raise OptionsError([problem], "Invalid training layout")
 
 
 def split_options(options: dict, *classes) -> list[dict]:

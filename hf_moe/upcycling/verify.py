@@ -7,8 +7,9 @@ on random tokens are compared. Deviations are relative: max |moe - dense| / max 
 
 Function-preserving settings (sparse upcycling, Komatsuzaki et al. 2023, §3): every expert a copy and the
 combine weights of each token summing to 1 with nothing dropped, i.e. token choice with
-``norm_topk_prob=True`` and dropless evaluation, or expert choice in threshold mode with the
-untrained (zero) thresholds, where every token reaches every expert; and, whatever the routing and
+``norm_topk_prob=True`` and dropless evaluation (with ``granularity`` G too: every virtual group of G
+shards then sums to the dense MLP, see `weights.granular_experts`), or expert choice in threshold mode
+with the untrained (zero) thresholds, where every token reaches every expert; and, whatever the routing and
 expert init, a shared expert holding the whole dense FFN beside routed experts that start at zero
 (`weights.shared_expert_init`). There the deviation must be
 <= 1e-5, otherwise the conversion fails; for other settings it is measured and reported.

@@ -29,7 +29,7 @@ from transformers import CONFIG_MAPPING, AutoModel, AutoModelForCausalLM, AutoMo
 
 from ..checkpoints.streaming import OutputTensor
 from ..modeling import find_feed_forward_blocks
-from ..modeling.experts import GroupedLinear
+from ..modeling.experts import GroupedLinear, mlp_intermediate_size
 from ..modeling.registry import routing_method_of
 from .native import FAMILIES_BY_NATIVE, is_moe_model_type
 from .settings import UpcyclingSettings
@@ -88,17 +88,22 @@ def check_model_type(model_type, config: dict | None = None) -> None:
 
 @dataclass(frozen=True)
 class ExpertWeight:
-    """How one dense feed-forward tensor is indexed by intermediate neurons (for Drop-Upcycling).
+    """How one dense feed-forward tensor is indexed by intermediate neurons (for Drop-Upcycling and
+    fine-grained shards).
 
     A fused input projection (phi3 ``gate_up_proj``: rows [0, I) gate, [I, 2I) up) has
     ``neuron_groups=2``: neuron j owns rows j and I + j. ``neuron_axis`` is None for tensors not
-    indexed by neurons (the output projection's bias).
+    indexed by neurons (the output projection's bias). ``intermediate_size`` is the experts' width,
+    ``granularity`` G the number of shards of the dense MLP's width it is (I / G each; None when the
+    experts' width does not divide the dense one, so no expert is a shard of it), and
+    ``output`` marks the tensors of the layer writing back to the hidden size.
     """
 
     layer: int
     intermediate_size: int
     neuron_axis: int | None
     neuron_groups: int
+    granularity: int | None = 1
     output: bool = False  # a tensor of the output projection (the layer writing back to the hidden size)
 
 
@@ -184,11 +189,11 @@ def plan_conversion(moe_config, head: int) -> ConversionPlan:
             module = moe.get_submodule(f"{BACKBONE_PREFIX}{block_name}.experts.{module_name}")
             source = f"{block_name}.{inner}"
             if isinstance(module, GroupedLinear):
-                expert = _expert_weight(moe, block_name, layer, module, param)
-                if tuple(tensor.shape) != (num_experts, *dense_state[source].shape):
-                    raise RuntimeError(
-                        f"{name} has shape {list(tensor.shape)}, not experts x {list(dense_state[source].shape)}"
-                    )
+                dense_width = mlp_intermediate_size(dense.get_submodule(block_name), text_config.hidden_size)
+                expert = _expert_weight(moe, block_name, layer, module, param, dense_width)
+                shard_shape = _shard_shape(dense_state[source].shape, expert)
+                if shard_shape is not None and tuple(tensor.shape) != (num_experts, *shard_shape):
+                    raise RuntimeError(f"{name} has shape {list(tensor.shape)}, not experts x {list(shard_shape)}")
                 tensors.append(TensorPlan(name, tuple(tensor.shape), "experts", source, expert=expert))
             else:  # a non-linear parameter of the MLP stays shared
                 tensors.append(TensorPlan(name, tuple(tensor.shape), "copy", source))
@@ -240,16 +245,45 @@ def _output_projection(moe, block_name: str) -> str:
     )
 
 
-def _expert_weight(moe, block_name: str, layer: int, module: GroupedLinear, param: str) -> ExpertWeight:
+def _expert_weight(
+    moe, block_name: str, layer: int, module: GroupedLinear, param: str, dense_width: int | None
+) -> ExpertWeight:
     output = moe.get_submodule(f"{BACKBONE_PREFIX}{block_name}.{_output_projection(moe, block_name)}")
     intermediate = output.in_features
+    granularity = dense_width // intermediate if dense_width and dense_width % intermediate == 0 else None
     out_in = module.weight_layout == "out_in"  # dense weight [out, in]; Conv1D [in, out]
     if module is output:
         axis = (1 if out_in else 0) if param == "weight" else None
-        return ExpertWeight(layer, intermediate, axis, 1, output=True)
+        return ExpertWeight(layer, intermediate, axis, 1, granularity, output=True)
     groups = module.out_features // intermediate if module.out_features % intermediate == 0 else 0
     axis = (0 if out_in else 1) if param == "weight" else 0
-    return ExpertWeight(layer, intermediate, axis, groups)
+    return ExpertWeight(layer, intermediate, axis, groups, granularity)
+
+
+def _shard_shape(dense_shape, info: ExpertWeight) -> tuple[int, ...] | None:
+    """The shape of one shard of a dense tensor (the dense shape when G = 1); None when the experts are
+    not shards of the dense MLP."""
+    if info.granularity is None:
+        return None
+    shape = list(dense_shape)
+    if info.neuron_axis is not None:
+        shape[info.neuron_axis] //= info.granularity
+    return tuple(shape)
+
+
+def dense_shard(dense: torch.Tensor, info: ExpertWeight, shard: int) -> torch.Tensor:
+    """Shard ``shard`` of G of a dense feed-forward tensor: the intermediate neurons
+    [shard * I/G, (shard + 1) * I/G) of each neuron group (rows of gate/up, columns of down); a tensor
+    not indexed by neurons (the output projection's bias) whole."""
+    if info.granularity == 1 or info.neuron_axis is None:
+        return dense
+    width = info.intermediate_size  # I / G
+    dense_width = width * info.granularity
+    parts = [
+        dense.narrow(info.neuron_axis, group * dense_width + shard * width, width)
+        for group in range(info.neuron_groups)
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=info.neuron_axis)
 
 
 def match_source_names(plan: ConversionPlan, source_names) -> dict[str, str]:
@@ -438,6 +472,65 @@ def dense_intermediate_size(plan: "ConversionPlan") -> int | None:
     return next((t.expert.intermediate_size for t in plan.tensors if t.kind == "experts"), None)
 
 
+def granular_experts(
+    dense: torch.Tensor,
+    name: str,
+    info: ExpertWeight,
+    settings: UpcyclingSettings,
+    num_experts: int,
+    dtype: torch.dtype,
+) -> Iterator[torch.Tensor]:
+    """Every expert's version of dense tensor ``name``, in expert order; with granularity G, expert
+    ``e * G + g`` is shard g of copy e (virtual group e).
+
+    Fine-grained upcycling with the paper's "virtual group" initialisation and weight scaling (He et al.
+    2024, "Upcycling Large Language Models into Mixture of Experts", arXiv 2410.07524; as implemented in
+    Megatron-Core's ``megatron/core/transformer/moe/upcycling_utils.py``). A dense MLP
+    F(x) = W_down a(W_gate x, W_up x) + b splits along its intermediate neurons into G shards,
+    F(x) = sum_g W_down[:, g] a_g(x) + b, where shard g keeps rows g of W_gate / W_up (and their biases)
+    and columns g of W_down. With E groups of G shards, E * G experts of width I / G:
+
+    1. Router: the G experts of group e share one router row r_e (`produce`), so their logits, and
+       their softmax probabilities p_e / G (the softmax over E * G logits equals the softmax over the
+       E group logits divided by G), are equal.
+    2. Top-(k * G) then selects whole groups, k of them: every member of a group has the same
+       logit, so any logit above the k-th group's is above all of that group (equal logits are taken
+       together; a tie between two groups' logits is the only way to split a group, and a router
+       draw from a continuous distribution gives none).
+    3. Renormalised over the selected experts (``norm_topk_prob=True``), each expert of a selected group
+       gets w_e = (p_e / G) / (sum_{e' selected} p_e') = p_e / (G * P), with P the selected groups'
+       probability mass.
+    4. Expert (e, g) computes G * W_down[:, g] a_g(x) + b: its output projection's weight is scaled by
+       G and its bias is not. The block then computes
+       sum_{e selected} sum_g p_e / (G P) * (G W_down[:, g] a_g(x) + b)
+         = sum_{e selected} p_e / P * (sum_g W_down[:, g] a_g(x) + b) = F(x),
+       exactly, with copies (every group the dense MLP), for any activation, and dropless.
+
+    Megatron-Core initialises the router the same way (the first E rows, each repeated G times) and
+    orders experts the same way (shards 0..G-1 of copy 0, then of copy 1, ...). For its
+    topK-then-softmax router (renormalised, as here) it scales by G too, but spreads the factor over
+    both projections (G^(1/3) on each of fc1 and fc2 for gated units, G^(1/2) otherwise), which is
+    exact only for positively homogeneous activations (ReLU, squared ReLU); scaling the output
+    projection alone is exact for SiLU and GELU too. For raw softmax-then-topK gates (the paper's
+    preferred router) Megatron-Core scales by E * G^2 / T (T = k * G), which gives the dense output only
+    for uniform router probabilities, so not exactly. Here raw gates (``norm_topk_prob=False``) with the
+    factor G compute exactly what coarse (G = 1) raw-gate upcycling computes with the same E router
+    rows, the sum of the selected groups' probabilities times F(x), which is not the dense function
+    (measured, not asserted, by ``verify``). ``noise`` and ``drop`` apply per expert, to its shard, before the scaling.
+    """
+    granularity = info.granularity
+    if granularity is None:
+        raise ValueError(
+            f"Cannot upcycle {name}: the experts' width {info.intermediate_size} does not divide the dense MLP's"
+        )
+    for expert in range(num_experts):
+        shard = dense_shard(dense, info, expert % granularity)
+        weight = expert_copy(shard, name, expert, info, settings)
+        if granularity > 1 and info.output and info.neuron_axis is not None:
+            weight = weight.float() * granularity
+        yield weight.to(dtype)
+
+
 def produce(
     tensor: TensorPlan,
     out: OutputTensor,
@@ -450,14 +543,16 @@ def produce(
         yield read_dense(tensor.dense_name).to(out.dtype)
     elif tensor.kind == "experts":
         dense = read_dense(tensor.dense_name)
-        for expert in range(config.num_experts):
-            routed = expert_copy(dense, tensor.dense_name, expert, tensor.expert, settings)
-            yield routed_expert_init(routed, tensor.expert, config).to(out.dtype)
+        for routed in granular_experts(dense, tensor.dense_name, tensor.expert, settings, config.num_experts, out.dtype):
+            yield routed_expert_init(routed, tensor.expert, config)
     elif tensor.kind == "shared":
         yield shared_expert_init(read_dense(tensor.dense_name), tensor.expert, config).to(out.dtype)
     elif tensor.kind == "router":
+        # Virtual groups: the G experts of a group share one router row (G = 1: one row per expert).
         generator = _generator(settings.seed, "router", tensor.name)
-        yield (torch.randn(tensor.shape, generator=generator) * config.router_init_std).to(out.dtype)
+        groups = (tensor.shape[0] // settings.granularity, *tensor.shape[1:])
+        rows = torch.randn(groups, generator=generator) * config.router_init_std
+        yield rows.repeat_interleave(settings.granularity, dim=0).to(out.dtype)
     else:
         yield torch.zeros(tensor.shape, dtype=out.dtype)
 

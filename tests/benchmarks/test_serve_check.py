@@ -26,9 +26,36 @@ def test_compare_reports_the_first_differing_step_and_logprob_gap():
 
 
 def test_without_engines_it_builds_the_models_and_says_what_it_skipped(tmp_path):
-    command = [sys.executable, str(SCRIPT), "--workdir", str(tmp_path), "--cases", "qwen3 -> qwen3_moe, MoE", "mixtral"]
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        "--workdir",
+        str(tmp_path),
+        "--cases",
+        "qwen3 -> qwen3_moe, MoE",
+        "mixtral, ",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "skipped (not given): vllm, llama.cpp" in result.stdout
     native = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith("-dense"))
     assert len(native) == 3 and all((tmp_path / name / "tokenizer.json").is_file() for name in native)
+
+
+def test_fine_grained_cases_export_the_experts_width(tmp_path):
+    import json
+
+    command = [sys.executable, str(SCRIPT), "--workdir", str(tmp_path), "--cases", "fine-grained"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    configs = {
+        p.name: json.loads((p / "config.json").read_text())
+        for p in tmp_path.iterdir()
+        if p.is_dir() and not p.name.endswith("-dense")
+    }
+    fields = sorted(
+        (c["model_type"], c.get("moe_intermediate_size") or c["intermediate_size"], c["num_experts_per_tok"])
+        for c in configs.values()
+    )
+    assert fields == [("mixtral", 256, 4), ("qwen3_moe", 128, 8), ("qwen3_moe", 256, 4)]
+    assert sorted(c["hf_moe_export"]["upcycling"]["granularity"] for c in configs.values()) == [2, 2, 4]

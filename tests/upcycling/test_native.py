@@ -229,13 +229,12 @@ def test_upcycle_format_native_refuses_before_writing_with_flag_names(save_dense
     )
 
 
-def test_import_refuses_other_expert_sizes(tmp_path):
-    save_native("qwen3_moe", tmp_path / "sizes", moe_intermediate_size=16)
-    refused(
-        lambda: import_checkpoint(tmp_path / "sizes", tmp_path / "out"),
-        r"moe_intermediate_size=16 differs from the dense layers' MLP size intermediate_size=48 \(dense layers \[1\]\)",
-        tmp_path,
-    )
+def test_import_keeps_experts_of_another_size_than_the_dense_layers(tmp_path):
+    # Dense layers with the dense MLP, experts of moe_intermediate_size: hf_moe's field of the same name.
+    native = save_native("qwen3_moe", tmp_path / "sizes", moe_intermediate_size=16)
+    moe = load(import_checkpoint(tmp_path / "sizes", tmp_path / "hf_moe", progress=False))
+    assert (moe.config.moe_intermediate_size, moe.config.text_config.intermediate_size) == (16, 48)
+    assert_same_model(native, moe)
 
 
 def test_wrong_kind_of_source_points_to_the_right_command(save_dense, tmp_path):
