@@ -176,7 +176,8 @@ def plan_conversion(moe_config, head: int) -> ConversionPlan:
             module_name, _, param = inner.rpartition(".")
             source = f"{block_name}.{inner}"
             routed = moe.get_submodule(f"{BACKBONE_PREFIX}{block_name}.experts.{module_name}")
-            expert = _expert_weight(moe, block_name, layer, routed, param)
+            dense_width = mlp_intermediate_size(dense.get_submodule(block_name), text_config.hidden_size)
+            expert = _expert_weight(moe, block_name, layer, routed, param, dense_width)
             expected = _shared_shape(dense_state[source].shape, expert, moe_config.shared_expert_intermediate_size)
             if tuple(tensor.shape) != expected:
                 raise RuntimeError(f"{name} has shape {list(tensor.shape)}, not the shared slice {list(expected)}")
@@ -543,7 +544,9 @@ def produce(
         yield read_dense(tensor.dense_name).to(out.dtype)
     elif tensor.kind == "experts":
         dense = read_dense(tensor.dense_name)
-        for routed in granular_experts(dense, tensor.dense_name, tensor.expert, settings, config.num_experts, out.dtype):
+        for routed in granular_experts(
+            dense, tensor.dense_name, tensor.expert, settings, config.num_experts, out.dtype
+        ):
             yield routed_expert_init(routed, tensor.expert, config)
     elif tensor.kind == "shared":
         yield shared_expert_init(read_dense(tensor.dense_name), tensor.expert, config).to(out.dtype)
