@@ -20,7 +20,6 @@ Capacity and dropping are those of token choice (`TokenChoiceRouter`); the defau
 This file is copied next to saved checkpoints for ``trust_remote_code``: relative imports only.
 """
 
-import warnings
 import weakref
 
 import torch
@@ -151,6 +150,9 @@ class AuxFreeRouter(TokenChoiceRouter):
         self.pending_load.zero_()
         return load
 
+    def has_trained_state(self) -> bool:
+        return not self.bias_updates.is_meta and self.bias_updates.item() > 0
+
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor) -> None:
         """b_i <- b_i + gamma * sign(mean load - load_i) (Wang et al. Algorithm 1): an overloaded expert's
@@ -197,23 +199,6 @@ def _register_bias_updates(model) -> None:
     weakref.finalize(model, handle.remove)
 
 
-def _warn_if_adapter_drops_biases(model, state_dict, prefix, local_metadata) -> None:
-    """State-dict hook: a PEFT adapter without ``modules_to_save=["router"]`` loses the learned biases."""
-    if "peft_config" not in vars(model) or vars(model).get("_warned_biases"):
-        return
-    routers = [block.router for block in model.moe_blocks() if isinstance(block.router, AuxFreeRouter)]
-    if not any(not r.bias_updates.is_meta and r.bias_updates.item() > 0 for r in routers):
-        return  # wrapped by modules_to_save (then PEFT saves them), or never trained
-    model.__dict__["_warned_biases"] = True
-    warnings.warn(
-        f"{type(model).__name__} has a PEFT adapter without its routers: the expert selection biases that training "
-        "updated (router.expert_bias) are not saved with the adapter, so a reloaded adapter selects experts with "
-        'the base model\'s biases. Create the adapter with modules_to_save=["router"] (as the hf_moe recipes do).',
-        UserWarning,
-        stacklevel=2,
-    )
-
-
 class AuxFreeRouting(RoutingMethod):
     """Token choice balanced by selection biases instead of (or beside) an auxiliary loss.
 
@@ -234,7 +219,7 @@ class AuxFreeRouting(RoutingMethod):
         "scores and MoE layers from one layer to the last; see docs/moe-reference.md) and that mapping is not "
         "implemented"
     )
-    routers_learn_state = True  # the selection biases
+    routers_learn_state = "the expert selection biases (router.expert_bias)"
 
     @classmethod
     def make_router(cls, model, hidden_size, dtype, device):
@@ -269,7 +254,6 @@ class AuxFreeRouting(RoutingMethod):
     @classmethod
     def on_model_init(cls, model):
         _register_bias_updates(model)
-        model.register_state_dict_post_hook(_warn_if_adapter_drops_biases)
 
     @classmethod
     def experts_per_token(cls, config) -> float:

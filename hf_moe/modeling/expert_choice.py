@@ -7,8 +7,6 @@ as ``"expert_choice"``.
 This file is copied next to saved checkpoints for ``trust_remote_code``: relative imports only.
 """
 
-import warnings
-
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -119,6 +117,9 @@ class ExpertChoiceRouter(Router):
             router_logits=logits.view(batch * seq_len, -1), assignments=kept, capacity_scores=capacity_scores
         )
 
+    def has_trained_state(self) -> bool:
+        return not self.threshold_updates.is_meta and self.threshold_updates.item() > 0
+
     @torch.no_grad()
     def update_thresholds(self, capacity_scores: torch.Tensor, data_parallel: bool = False) -> None:
         """EMA of each expert's C-th largest score over the sequences that filled C slots.
@@ -140,27 +141,6 @@ class ExpertChoiceRouter(Router):
         self.threshold_updates += 1
 
 
-def _warn_if_adapter_drops_thresholds(model, state_dict, prefix, local_metadata) -> None:
-    """State-dict hook of Expert-Choice models: a PEFT adapter saves only its own tensors and the modules
-    in ``modules_to_save``. Training moves the routers' score thresholds (buffers the causal inference
-    routing reads) even when the routers are frozen, so an adapter without ``modules_to_save=["router"]``
-    would lose them; warned once per model, when the adapter's state dict is taken (at save)."""
-    if "peft_config" not in vars(model) or vars(model).get("_warned_thresholds"):
-        return
-    routers = [block.router for block in model.moe_blocks() if isinstance(block.router, ExpertChoiceRouter)]
-    if not any(not r.threshold_updates.is_meta and r.threshold_updates.item() > 0 for r in routers):
-        return  # wrapped by modules_to_save (then PEFT saves them), or never trained
-    model.__dict__["_warned_thresholds"] = True
-    warnings.warn(
-        f"{type(model).__name__} has a PEFT adapter without its routers: the Expert-Choice score thresholds that "
-        "training updated (router.score_thresholds, read by the causal inference routing) are not saved with the "
-        "adapter, so a reloaded adapter routes with the base model's thresholds. Create the adapter with "
-        'modules_to_save=["router"] (as the hf_moe recipes do).',
-        UserWarning,
-        stacklevel=2,
-    )
-
-
 class ExpertChoiceRouting(RoutingMethod):
     """Expert choice: balanced by construction (no balancing loss), not causal in training."""
 
@@ -169,7 +149,9 @@ class ExpertChoiceRouting(RoutingMethod):
     no_native_counterpart = (
         "Expert Choice routing has no native counterpart: native MoE architectures route by token choice"
     )
-    routers_learn_state = True  # the score thresholds
+    routers_learn_state = (
+        "the Expert-Choice score thresholds (router.score_thresholds, read by the causal inference routing)"
+    )
 
     @classmethod
     def make_router(cls, model, hidden_size, dtype, device):
@@ -181,10 +163,6 @@ class ExpertChoiceRouting(RoutingMethod):
         data_parallel = model._is_data_parallel()
         for router, record in zip(routers, records, strict=True):
             router.update_thresholds(record.capacity_scores, data_parallel)
-
-    @classmethod
-    def on_model_init(cls, model):
-        model.register_state_dict_post_hook(_warn_if_adapter_drops_thresholds)
 
     @classmethod
     def experts_per_token(cls, config) -> float:

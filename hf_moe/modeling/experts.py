@@ -259,6 +259,22 @@ def _output_layers(linears: list[tuple[str, nn.Module]], hidden_size: int) -> li
     return [name for name, m in linears if _linear_dims(m)[1] == hidden_size]
 
 
+def narrowed_dims(
+    name: str, in_features: int, out_features: int, output_layer: str, dense_width: int, width: int, what: str
+) -> tuple[int, int]:
+    """(in, out) of MLP layer ``name`` when the MLP's ``dense_width`` intermediate neurons become ``width``:
+    the output projection's input shrinks; every other layer's outputs (one block of neurons, or several
+    fused, as phi3's gate_up_proj) shrink per block. ``what`` names the module being built in the error."""
+    if name == output_layer:
+        return width, out_features
+    if out_features % dense_width:
+        raise ValueError(
+            f"Cannot build {what}: {name} has {out_features} outputs, not a multiple of the MLP's intermediate "
+            f"size {dense_width}"
+        )
+    return in_features, out_features // dense_width * width
+
+
 def mlp_intermediate_size(mlp: nn.Module, hidden_size: int) -> int | None:
     """The intermediate width I of a dense MLP: the input size of its output projection (None when
     the MLP has no single output projection)."""
@@ -309,15 +325,10 @@ def make_experts(
     for name, dense in linears:
         in_features, out_features, weight_layout = _linear_dims(dense)
         if width != dense_width:
-            if name == output_layers[0]:
-                in_features = width
-            elif out_features % dense_width == 0:
-                out_features = out_features // dense_width * width
-            else:
-                raise ValueError(
-                    f"Cannot build experts of moe_intermediate_size {width} for model_type {model_type!r}: "
-                    f"{name} has {out_features} outputs, not a multiple of the MLP's intermediate size {dense_width}"
-                )
+            what = f"experts of moe_intermediate_size {width} for model_type {model_type!r}"
+            in_features, out_features = narrowed_dims(
+                name, in_features, out_features, output_layers[0], dense_width, width, what
+            )
         grouped = GroupedLinear(
             num_experts,
             in_features,
@@ -351,7 +362,7 @@ def make_shared_expert(mlp: nn.Module, intermediate_size: int, hidden_size: int,
     when the MLP's intermediate neurons cannot be identified.
     """
     linears = dense_linear_layers(mlp)
-    output_layers = [name for name, m in linears if _linear_dims(m)[1] == hidden_size]
+    output_layers = _output_layers(linears, hidden_size)
     if len(output_layers) != 1:
         raise ValueError(
             f"Cannot build a shared expert for model_type {model_type!r}: expected exactly one output projection "
@@ -364,15 +375,10 @@ def make_shared_expert(mlp: nn.Module, intermediate_size: int, hidden_size: int,
     expert = copy.deepcopy(mlp, memo=shared)
     for name, dense in dense_linear_layers(expert):
         in_features, out_features, weight_layout = _linear_dims(dense)
-        if name == output_layers[0]:
-            in_features = intermediate_size
-        elif out_features % dense_width == 0:
-            out_features = out_features // dense_width * intermediate_size
-        else:
-            raise ValueError(
-                f"Cannot build a shared expert for model_type {model_type!r}: {name} has {out_features} outputs, "
-                f"not a multiple of the intermediate size {dense_width}"
-            )
+        what = f"a shared expert for model_type {model_type!r}"
+        in_features, out_features = narrowed_dims(
+            name, in_features, out_features, output_layers[0], dense_width, intermediate_size, what
+        )
         weight = dense.weight
         if weight_layout == "in_out":
             narrowed = Conv1D(out_features, in_features).to(device=weight.device, dtype=weight.dtype)

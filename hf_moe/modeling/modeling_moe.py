@@ -239,6 +239,8 @@ class MoePreTrainedModel(PreTrainedModel):
             router = self.routing_method.make_router(self, hidden_size, weight.dtype, weight.device)
             setattr(parent, child, MoeBlock(router, experts, shared_expert, shared_expert_gate))
         self.routing_method.on_model_init(self)
+        if self.routing_method.routers_learn_state:
+            self.register_state_dict_post_hook(_warn_if_adapter_drops_router_state)
         # auto_map lists every Auto class a saved checkpoint serves: saving adds the head's own
         # class; AutoModel loads the decoder without its head from any head's checkpoint.
         headless = self.routing_method.model_classes[0]
@@ -503,6 +505,27 @@ def _check_moe_weights(model: MoePreTrainedModel, info: dict) -> None:
         "The checkpoint's config does not match its weights: " + "; ".join(problems) + ". Loading would "
         "initialise those MoE layers randomly; fix config.json (moe_layers, num_experts, "
         "shared_expert_intermediate_size, text_config) to describe the weights"
+    )
+
+
+def _warn_if_adapter_drops_router_state(model, state_dict, prefix, local_metadata) -> None:
+    """State-dict hook of routing methods whose routers learn state besides their weights
+    (`RoutingMethod.routers_learn_state`). A PEFT adapter saves only its own tensors and the modules in
+    ``modules_to_save``; training moves that state even when the routers are frozen, so an adapter without
+    ``modules_to_save=["router"]`` would lose it. Warned once per model, when the adapter's state dict is
+    taken (at save)."""
+    if "peft_config" not in vars(model) or vars(model).get("_warned_router_state"):
+        return
+    # A router wrapped by modules_to_save is not a Router here (PEFT then saves it).
+    if not any(isinstance(block.router, Router) and block.router.has_trained_state() for block in model.moe_blocks()):
+        return
+    model.__dict__["_warned_router_state"] = True
+    warnings.warn(
+        f"{type(model).__name__} has a PEFT adapter without its routers: {model.routing_method.routers_learn_state}, "
+        "which training updated, are not saved with the adapter, so a reloaded adapter routes with the base model's. "
+        'Create the adapter with modules_to_save=["router"] (as the hf_moe recipes do).',
+        UserWarning,
+        stacklevel=2,
     )
 
 

@@ -72,6 +72,10 @@ class Router(nn.Module):
         """``init`` is transformers' `initialization` module, whose functions skip loaded tensors."""
         init.normal_(self.weight, mean=0.0, std=std)
 
+    def has_trained_state(self) -> bool:
+        """Whether training has moved state of this router besides its weights (`RoutingMethod.routers_learn_state`)."""
+        return False
+
 
 class RoutingMethod:
     """One routing method as the model, the converter, the trainers and the cards ask for it.
@@ -89,9 +93,10 @@ class RoutingMethod:
     # Why an exported checkpoint cannot use it (native transformers MoE architectures route by token
     # choice); None when it maps onto them (`hf-moe export` then checks the backbone and settings).
     no_native_counterpart: str | None = None
-    # Training changes router state besides the weights (buffers): a PEFT adapter must save the routers
-    # (``modules_to_save``) for a reloaded adapter to route as the trained model did.
-    routers_learn_state: bool = False
+    # What training changes in the routers besides their weights (buffers), named in the warning when a PEFT
+    # adapter leaves it out: the adapter must save the routers (``modules_to_save``) for a reloaded adapter to
+    # route as the trained model did. None: nothing (see `Router.has_trained_state`).
+    routers_learn_state: str | None = None
     # ``balancing_loss(records, valid, config, training) -> tensor``, the load-balancing loss over every
     # MoE layer, weighted by ``config.router_aux_loss_coef`` in the loss; None when the method has none.
     balancing_loss = None
