@@ -6,12 +6,12 @@
 
 Run from the repository root (the study imports ``recipes.finetune_clm`` and ``recipes.finetune_classification``
 and trains every model through their ``main(argv)``, in this process). Offline, on the Python standard library's
-own sources. Expected run time, full: about 90 minutes on 2 idle cores (12,360 dense-step equivalents at the
+own sources. Expected run time, full: about 100 minutes on 2 idle cores (13,860 dense-step equivalents at the
 0.43 s per step the previous full study measured: pre-training 4 minutes, upcycling 18, Expert Choice 4,
-overfitting 24, sweeps 33, z-loss stress 6, plus scoring); longer on a busy machine, where ``OMP_NUM_THREADS=1`` is
-better (spinning OpenMP threads inflate the CPU time the report uses). Quick: about 1 minute idle, 2 on a shared
-machine. Scale: an estimated 3 to 5 hours on one H200 (not measured; see `data.SCALE`). The report lists the
-measured time of each section.
+overfitting 24, sweeps 33, upcycling modes 11, z-loss stress 6, plus scoring); longer on a busy machine, where
+``OMP_NUM_THREADS=1`` is better (spinning OpenMP threads inflate the CPU time the report uses). Quick: about 1
+minute idle, 2 on a shared machine. Scale: an estimated 3 to 5 hours on one H200 (not measured; see `data.SCALE`).
+The report lists the measured time of each section.
 
 Protocol: ``starts`` dense llama models are each initialised and pre-trained with their own seed (0); from each,
 ``seeds`` fine-tuning seeds (data order, router initialisation). Every comparison is paired (same start and seed):
@@ -29,6 +29,9 @@ split reports.
 5. Sweeps at equal FLOPs: learning rate x0.5 / x1 / x2 per arm, top-1 vs top-2, 4 / 8 / 16 experts, capacity
    1.0 / 1.25 / 2.0 / dropless, every layer vs every other layer. Micro vs global batch balancing is not run: the
    study trains in one process, where the two coincide.
+6. Upcycling modes at the active parameters of section 1's MoE: fine-grained experts (G = 2, 4), a shared expert
+   with top-1 routed experts, auxiliary-loss-free balancing and its no-balancing control; test loss against plain
+   upcycling, expert balance, dropped pairs.
 
 ``--scale`` runs the same protocol at >= 100M parameters (llama, hidden 768, 12 layers) on the whole standard
 library with bf16 autocast. hf_moe computes router logits in float32 whatever the autocast (ST-MoE's selective

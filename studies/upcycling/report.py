@@ -16,7 +16,14 @@ from hf_moe.compare import compare_runs, load_run
 
 from .provenance import provenance
 from .runs import FINISHED, RUN_SECONDS, Runs, configuration
-from .sections import section_expert_choice, section_overfitting, section_sweeps, section_upcycling, section_zloss
+from .sections import (
+    section_expert_choice,
+    section_modes,
+    section_overfitting,
+    section_sweeps,
+    section_upcycling,
+    section_zloss,
+)
 
 REPORT = "study.md"
 FOLDER = "study"  # next to REPORT: results.json, figures, compare_*
@@ -84,6 +91,7 @@ def write_report(runs: Runs, quick: bool, scale: bool) -> Path:
     section_zloss(runs, figures, lines, results)
     section_expert_choice(runs, figures, lines, results)
     section_sweeps(runs, figures, lines, results)
+    section_modes(runs, figures, lines, results)
     results["timing"] = spent
     lines += [
         "## Time per section (measured in this run)",

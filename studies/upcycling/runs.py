@@ -41,6 +41,8 @@ class Moe:
     expert_dropout: float | None = 0.0
     backbone_dropout: float | None = 0.0
     train_parameters: str | None = None
+    granularity: int = 1
+    shared_expert: bool = False
     dense: bool = False
     seed: int = 0
 
@@ -64,7 +66,14 @@ def recipe_argv(model: str, moe: Moe, data: dict, training: dict) -> list[str]:
     options = {
         "model_name_or_path": model,
         "upcycle": json.dumps(
-            {"routing": moe.routing, "num_experts": moe.experts, "moe_layers": moe.layers, "seed": moe.seed}
+            {
+                "routing": moe.routing,
+                "num_experts": moe.experts,
+                "moe_layers": moe.layers,
+                "granularity": moe.granularity,
+                "shared_expert": moe.shared_expert,
+                "seed": moe.seed,
+            }
         ),
         "num_experts_per_tok": moe.top_k,
         "norm_topk_prob": moe.norm_topk_prob,
@@ -186,6 +195,19 @@ SWEEPS = {
     "dropless": {"capacity": "dropless"},
     "every_layer": {"layers": "all"},
 }
+# The upcycling modes, each against section 1's plain upcycling (8 whole experts, top-2, balancing loss 1e-2) at
+# equal active parameters: fine-grained experts (He et al. 2024: E x G experts of width I/G, top-(2G)); a shared
+# expert holding the whole dense FFN next to top-1 routed experts (2 FFN widths per token, as top-2; Qwen2-MoE's
+# ungated form and raw top-1 gate, so the router learns from the task loss); auxiliary-loss-free balancing (Wang et
+# al. 2024: selection biases, no balancing loss) and, as its control, the same top-2 router with no balancing at all.
+# Every mode keeps the capacity factor 1.25, so an imbalance shows as dropped pairs.
+MODES = {
+    "granularity2": {"granularity": 2},
+    "granularity4": {"granularity": 4},
+    "shared_expert_top1": {"shared_expert": True, "top_k": 1, "norm_topk_prob": False},
+    "aux_free": {"routing": "aux_free", "aux_loss": 0.0},
+    "no_balancing": {"aux_loss": 0.0},
+}
 
 
 def plan(size: dict) -> list[RunSpec]:
@@ -221,6 +243,8 @@ def plan(size: dict) -> list[RunSpec]:
         if seed < s["sweep_seeds"]:
             for name, change in SWEEPS.items():
                 lm(f"sweeps/{name}_s{seed}", 0, replace(moe, **change), s["steps"])
+            for name, change in MODES.items():
+                lm(f"modes/{name}_s{seed}", 0, replace(moe, **change), s["steps"])
             for factor in s["lr_factors"]:
                 if factor != 1.0:  # x1: section 1's runs
                     lr = s["learning_rate"] * factor

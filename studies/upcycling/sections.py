@@ -11,7 +11,7 @@ from pathlib import Path
 from hf_moe.compare import load_run, parameter_counts
 from hf_moe.plotting import pyplot
 
-from .runs import OVERFITTING, SWEEPS, Runs, dense_steps
+from .runs import MODES, OVERFITTING, SWEEPS, Runs, dense_steps
 from .stats import band, interval, mean_sd, paired, show
 
 VALIDATION = "eval_validation_task_loss"
@@ -439,6 +439,20 @@ def section_expert_choice(runs: Runs, figures: Path, lines: list[str], results: 
 
 
 # ---- 5. sweeps ----------------------------------------------------------------------------------------------
+def against_dense(runs: Runs, folders: list[tuple[str, str]], seeds: list[int]) -> dict:
+    """One setting's (MoE folder, dense folder) pairs, one per seed: its test loss, its FLOPs per token over the
+    dense model's, the pairs it dropped in training and the paired differences from dense at equal steps and FLOPs."""
+    compared = [lm_pair(runs, moe, dense) for moe, dense in folders]
+    return {
+        "seeds": seeds,
+        "moe": [c["moe"] for c in compared],
+        "equal_flops": paired([c["moe"] for c in compared], [c["dense_equal_flops"] for c in compared]),
+        "equal_steps": paired([c["moe"] for c in compared], [c["dense_equal_steps"] for c in compared]),
+        "flops_ratio": statistics.fmean([c["flops_ratio"] for c in compared]) if compared else None,
+        "dropped_fraction": [c["moe_dropped_fraction"] for c in compared],
+    }
+
+
 def section_sweeps(runs: Runs, figures: Path, lines: list[str], results: dict) -> None:
     s = runs.size
     seeds = range(s["sweep_seeds"])
@@ -448,15 +462,7 @@ def section_sweeps(runs: Runs, figures: Path, lines: list[str], results: dict) -
     rows = {}
     for name, folder in settings.items():
         done = [seed for _, seed in pairs(runs, [folder, dense], [0], seeds)]
-        compared = [lm_pair(runs, folder.format(seed=seed), dense.format(seed=seed)) for seed in done]
-        rows[name] = {
-            "seeds": done,
-            "moe": [c["moe"] for c in compared],
-            "equal_flops": paired([c["moe"] for c in compared], [c["dense_equal_flops"] for c in compared]),
-            "equal_steps": paired([c["moe"] for c in compared], [c["dense_equal_steps"] for c in compared]),
-            "flops_ratio": statistics.fmean([c["flops_ratio"] for c in compared]) if compared else None,
-            "dropped_fraction": [c["moe_dropped_fraction"] for c in compared],
-        }
+        rows[name] = against_dense(runs, [(folder.format(seed=x), dense.format(seed=x)) for x in done], done)
     # Learning rate: each arm's factor chosen on the mean final validation loss, the pair compared on test.
     lr = {}
     for factor in s["lr_factors"]:
@@ -481,15 +487,8 @@ def section_sweeps(runs: Runs, figures: Path, lines: list[str], results: dict) -
     best_moe = min(lr, key=lambda f: lr[f]["moe_validation"])
     best_dense = min(lr, key=lambda f: lr[f]["dense_validation"])
     done = sorted(set(lr[best_moe]["seeds"]) & set(lr[best_dense]["seeds"]))
-    compared = [lm_pair(runs, lr[best_moe]["moe"].format(seed=x), lr[best_dense]["dense"].format(seed=x)) for x in done]
-    rows[f"tuned learning rates (MoE x{best_moe:g}, dense x{best_dense:g})"] = {
-        "seeds": done,
-        "moe": [c["moe"] for c in compared],
-        "equal_flops": paired([c["moe"] for c in compared], [c["dense_equal_flops"] for c in compared]),
-        "equal_steps": paired([c["moe"] for c in compared], [c["dense_equal_steps"] for c in compared]),
-        "flops_ratio": statistics.fmean([c["flops_ratio"] for c in compared]) if compared else None,
-        "dropped_fraction": [c["moe_dropped_fraction"] for c in compared],
-    }
+    tuned = [(lr[best_moe]["moe"].format(seed=x), lr[best_dense]["dense"].format(seed=x)) for x in done]
+    rows[f"tuned learning rates (MoE x{best_moe:g}, dense x{best_dense:g})"] = against_dense(runs, tuned, done)
     wins = [
         name for name, row in rows.items() if row["equal_flops"]["excludes_zero"] and row["equal_flops"]["mean"] < 0
     ]
@@ -520,5 +519,77 @@ def section_sweeps(runs: Runs, figures: Path, lines: list[str], results: dict) -
         + "; ".join(f"x{f:g}: MoE {v['moe_validation']:.4f}, dense {v['dense_validation']:.4f}" for f, v in lr.items()),
         "",
         "The MoE wins at equal FLOPs (interval below zero) with: " + (", ".join(wins) if wins else "no setting") + ".",
+        "",
+    ]
+
+
+# ---- 6. upcycling modes -------------------------------------------------------------------------------------
+MODE_LABELS = {
+    "granularity2": "fine-grained, G = 2 (16 experts of I/2, top-4)",
+    "granularity4": "fine-grained, G = 4 (32 experts of I/4, top-8)",
+    "shared_expert_top1": "shared expert (the whole FFN) + top-1 of 8",
+    "aux_free": "auxiliary-loss-free balancing (sigmoid scores, bias rate 1e-3)",
+    "no_balancing": "top-2, no balancing (aux_free's control)",
+}
+
+
+def section_modes(runs: Runs, figures: Path, lines: list[str], results: dict) -> None:
+    s = runs.size
+    seeds = range(s["sweep_seeds"])
+    dense, plain = "upcycling/start0/dense_s{seed}", "upcycling/start0/switch_s{seed}"
+    settings = {"plain upcycling (G = 1, section 1's MoE)": plain}
+    settings.update({MODE_LABELS[name]: f"modes/{name}_s{{seed}}" for name in MODES})
+    rows = {}
+    for label, folder in settings.items():
+        done = [seed for _, seed in pairs(runs, [folder, dense, plain], [0], seeds)]
+        names = [folder.format(seed=x) for x in done]
+        row = against_dense(runs, [(n, dense.format(seed=x)) for n, x in zip(names, done, strict=True)], done)
+        logged = [load_run(runs.folder / n) for n in names]
+        row["balance"] = [mean_over_layers(r, "/balance") for r in logged]
+        if folder == plain:  # the reference
+            rows[label] = row
+            continue
+        plain_loss = [runs.scores(plain.format(seed=x))["test_loss"].get(str(s["steps"])) for x in done]
+        row["minus_plain"] = paired(row["moe"], plain_loss)
+        row["balance_minus_plain"] = paired(
+            row["balance"], [mean_over_layers(load_run(runs.folder / plain.format(seed=x)), "/balance") for x in done]
+        )
+        rows[label] = row
+    results["modes"] = rows
+    lines += [
+        "## 6. Upcycling modes: fine-grained experts, a shared expert, balancing without an auxiliary loss",
+        "",
+        f"Each mode upcycles dense start 0 and fine-tunes with section 1's schedule (seeds {list(seeds)}), at the "
+        "active parameters of section 1's MoE (two FFN widths per token) and capacity factor 1.25, and is compared "
+        "with section 1's plain upcycling of the same seed (test loss, 95% CI) and with the dense continuation at "
+        "equal FLOPs. Fine-grained: He et al. 2024 (arXiv 2410.07524), virtual-group initialisation. Shared expert: "
+        "Qwen2-MoE / DeepSeekMoE (Dai et al. 2024); the whole FFN stays always on and the routed experts start with "
+        "zero output. Auxiliary-loss-free: Wang et al. 2024 (arXiv 2408.15664) and DeepSeek-V3 (section 2.1.2); the "
+        "control drops the balancing loss without adding the biases. Balance: exp(entropy of the expert load) / "
+        "experts, 1 = uniform, mean over logged training steps and MoE layers.",
+        "",
+        "| mode | MoE test loss | mode - plain upcycling (95% CI) | FLOPs / dense | balance | balance - plain "
+        "(95% CI) | dropped pairs | MoE - dense, equal FLOPs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, row in rows.items():
+        ratio = f"{row['flops_ratio']:.2f}" if row["flops_ratio"] else "–"
+        reference = "minus_plain" not in row
+        lines.append(
+            f"| {label} | {mean_sd(row['moe'])} | {'(reference)' if reference else show(row['minus_plain'])} | "
+            f"{ratio} | {mean_sd(row['balance'], 3)} | "
+            f"{'(reference)' if reference else show(row['balance_minus_plain'], 3)} | "
+            f"{mean_sd(row['dropped_fraction'], 3)} | {show(row['equal_flops'])} |"
+        )
+    differences = {label: row["minus_plain"] for label, row in rows.items() if "minus_plain" in row}
+    better = [label for label, ci in differences.items() if ci["excludes_zero"] and ci["mean"] < 0]
+    worse = [label for label, ci in differences.items() if ci["excludes_zero"] and ci["mean"] > 0]
+    lines += [
+        "",
+        "Better than plain upcycling (interval below zero): "
+        + (", ".join(better) if better else "none")
+        + "; worse (interval above zero): "
+        + (", ".join(worse) if worse else "none")
+        + ". Where neither, there is no measurable difference at this scale.",
         "",
     ]

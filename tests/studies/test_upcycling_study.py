@@ -34,6 +34,7 @@ def test_quick_study_writes_every_section_with_plots_and_intervals(quick):
         "## 3. Router z-loss",
         "## 4. Expert Choice",
         "## 5. Sweeps",
+        "## 6. Upcycling modes",
     ):
         assert heading in text
     assert "PARTIAL" not in text and results["complete"]
@@ -75,7 +76,17 @@ def test_quick_study_writes_every_section_with_plots_and_intervals(quick):
         "zloss_high_lr",
         "expert_choice",
         "sweeps",
+        "modes",
     }
+    # Every upcycling mode computes the dense function at step 0 (virtual groups, a shared expert whose routed
+    # partners start at zero output, renormalised top-2 whatever the selection biases).
+    dense = load_run(output / "runs" / "upcycling/start0/dense_s0").series("eval_validation_task_loss")[0]
+    for name in runs.MODES:
+        mode = load_run(output / "runs" / f"modes/{name}_s0").series("eval_validation_task_loss")[0]
+        assert mode == (0, pytest.approx(dense[1], abs=1e-4)), name
+    assert len(results["modes"]) == 1 + len(runs.MODES)
+    for row in list(results["modes"].values())[1:]:
+        assert row["minus_plain"]["n"] == size["sweep_seeds"] and 0 < min(row["balance"]) <= max(row["balance"]) <= 1
 
 
 def test_the_report_records_the_code_and_the_configuration_that_produced_it(quick):
