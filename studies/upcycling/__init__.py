@@ -5,10 +5,11 @@
     python -m studies.upcycling --output_dir hf_moe_scale --scale          # >= 100M parameters, one CUDA GPU
 
 Run from the repository root (the study imports ``recipes.finetune_clm`` and ``recipes.finetune_classification``
-and trains every model through their ``main(argv)``, in this process). Offline, on the Python standard library's
-own sources. Expected run time, full: about 100 minutes on 2 idle cores (13,860 dense-step equivalents at the
-0.43 s per step the previous full study measured: pre-training 4 minutes, upcycling 18, Expert Choice 4,
-overfitting 24, sweeps 33, upcycling modes 11, z-loss stress 6, plus scoring); longer on a busy machine, where
+and trains every model through their ``main(argv)``, in this process, or under ``torchrun`` for the data-parallel
+runs). Offline, on the Python standard library's
+own sources. Expected run time, full: about 70 minutes on 2 idle cores (measured 62 without the 6 data-parallel
+runs: pre-training 2 minutes, upcycling 9, Expert Choice 2, overfitting 16, sweeps 14, upcycling modes 6,
+z-loss stress 2, plus scoring); longer on a busy machine, where
 ``OMP_NUM_THREADS=1`` is better (spinning OpenMP threads inflate the CPU time the report uses). Quick: about 1
 minute idle, 2 on a shared machine. Scale: an estimated 3 to 5 hours on one H200 (not measured; see `data.SCALE`).
 The report lists the measured time of each section.
@@ -27,8 +28,8 @@ split reports.
    max |logit|, spread across experts), dropped pairs; a stress pair at a high learning rate.
 4. Expert Choice: checkpoints scored with causal threshold routing and with training-mode routing.
 5. Sweeps at equal FLOPs: learning rate x0.5 / x1 / x2 per arm, top-1 vs top-2, 4 / 8 / 16 experts, capacity
-   1.0 / 1.25 / 2.0 / dropless, every layer vs every other layer. Micro vs global batch balancing is not run: the
-   study trains in one process, where the two coincide.
+   1.0 / 1.25 / 2.0 / dropless, every layer vs every other layer; balancing over each process's micro-batch vs
+   the global batch, on 2 data-parallel processes (torchrun, gloo), paired.
 6. Upcycling modes at the active parameters of section 1's MoE: fine-grained experts (G = 2, 4), a shared expert
    with top-1 routed experts, auxiliary-loss-free balancing and its no-balancing control; test loss against plain
    upcycling, expert balance, dropped pairs.

@@ -6,7 +6,7 @@
 - classification: snippets of consecutive non-blank lines of the largest top-level modules, labelled by module;
   training, validation and test snippets are disjoint, drawn from the same files.
 
-The sizes: `FULL` (about 100 minutes on 2 idle cores), `QUICK` (a pipeline check), `SCALE` (a GPU machine, >= 100M
+The sizes: `FULL` (about 70 minutes on 2 idle cores), `QUICK` (a pipeline check), `SCALE` (a GPU machine, >= 100M
 parameters, the whole standard library) and `SCALE_QUICK` (`SCALE`'s code path at toy size).
 """
 

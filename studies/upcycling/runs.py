@@ -8,7 +8,10 @@ Every recipe option the study sets is written in one place, `recipe_argv`: the s
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,6 +26,7 @@ FINISHED = "finetune_config.yaml"  # written last by a recipe run
 RUN_SECONDS = "study_seconds.txt"  # wall time of the whole run (loading, training, evaluations, saving)
 RUN_CODE = "study_code.json"  # the digests of the source files loaded when the run was trained and scored
 SCORES = "study_scores.json"  # what the study scored on the run's checkpoints (cached; the checkpoints are removed)
+TORCHRUN_LOG = "torchrun.log"  # the output of a data-parallel run's processes
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class Moe:
     train_parameters: str | None = None
     granularity: int = 1
     shared_expert: bool = False
+    balance_scope: str | None = None
     dense: bool = False
     seed: int = 0
 
@@ -79,6 +84,7 @@ def recipe_argv(model: str, moe: Moe, data: dict, training: dict) -> list[str]:
         "norm_topk_prob": moe.norm_topk_prob,
         "router_aux_loss_coef": moe.aux_loss,
         "router_z_loss_coef": moe.z_loss,
+        "balance_scope": moe.balance_scope,
         "expert_dropout": moe.expert_dropout,
         "backbone_dropout": moe.backbone_dropout,
         "capacity_factor": moe.capacity,
@@ -97,7 +103,8 @@ def recipe_argv(model: str, moe: Moe, data: dict, training: dict) -> list[str]:
 @dataclass(frozen=True)
 class RunSpec:
     """One planned run: its folder under ``runs/``, the recipe, the dense start it fine-tunes (``pretrain``: the
-    start's initialisation), the model and the trainer's arguments."""
+    start's initialisation), the model, the trainer's arguments and the data-parallel processes it trains on
+    (``processes`` > 1: ``torchrun`` on CPU with gloo, each process taking its share of the batch)."""
 
     folder: str
     recipe: str  # "clm" or "classification"
@@ -105,6 +112,7 @@ class RunSpec:
     moe: Moe
     training: dict = field(hash=False)
     pretrain: bool = False
+    processes: int = 1
 
 
 def dense_steps(size: dict) -> int:
@@ -195,6 +203,11 @@ SWEEPS = {
     "dropless": {"capacity": "dropless"},
     "every_layer": {"layers": "all"},
 }
+# Balancing over each process's micro-batch vs over the global batch (Qiu et al. 2025, arXiv 2501.11873): both on
+# 2 data-parallel processes (torchrun, gloo), each taking half of section 1's batch, so the global batch and the
+# schedule are section 1's; in one process the two scopes count the same tokens.
+BALANCE_SCOPES = {"processes2_micro_batch": "micro_batch", "processes2_global_batch": "global_batch"}
+DATA_PARALLEL = 2
 # The upcycling modes, each against section 1's plain upcycling (8 whole experts, top-2, balancing loss 1e-2) at
 # equal active parameters: fine-grained experts (He et al. 2024: E x G experts of width I/G, top-(2G)); a shared
 # expert holding the whole dense FFN next to top-1 routed experts (2 FFN widths per token, as top-2; Qwen2-MoE's
@@ -215,8 +228,8 @@ def plan(size: dict) -> list[RunSpec]:
     already has every section."""
     s, runs = size, []
 
-    def lm(folder: str, start: int, moe: Moe, steps: int, **extra) -> None:
-        runs.append(RunSpec(folder, "clm", start, moe, clm_training(s, moe.seed, steps, **extra)))
+    def lm(folder: str, start: int, moe: Moe, steps: int, processes: int = 1, **extra) -> None:
+        runs.append(RunSpec(folder, "clm", start, moe, clm_training(s, moe.seed, steps, **extra), processes=processes))
 
     for start in range(s["starts"]):
         training = clm_training(s, start, s["pretrain_steps"], learning_rate=s["pretrain_lr"])
@@ -245,6 +258,10 @@ def plan(size: dict) -> list[RunSpec]:
                 lm(f"sweeps/{name}_s{seed}", 0, replace(moe, **change), s["steps"])
             for name, change in MODES.items():
                 lm(f"modes/{name}_s{seed}", 0, replace(moe, **change), s["steps"])
+            for name, scope in BALANCE_SCOPES.items():
+                batch = s["batch"] // DATA_PARALLEL
+                scoped = replace(moe, balance_scope=scope)
+                lm(f"sweeps/{name}_s{seed}", 0, scoped, s["steps"], DATA_PARALLEL, per_device_train_batch_size=batch)
             for factor in s["lr_factors"]:
                 if factor != 1.0:  # x1: section 1's runs
                     lr = s["learning_rate"] * factor
@@ -268,9 +285,13 @@ def plan(size: dict) -> list[RunSpec]:
 
 
 def configuration(size: dict) -> dict:
-    """The resolved configuration a report records: the sizes and every run's recipe command line, with the
-    study folder written as ``<output>``."""
-    return {"sizes": size, "runs": {spec.folder: spec_argv(spec, Path("<output>")) for spec in plan(size)}}
+    """The resolved configuration a report records: the sizes and every run's recipe command line (behind
+    ``torchrun --nproc_per_node=N`` for a data-parallel run), with the study folder written as ``<output>``."""
+    runs = {}
+    for spec in plan(size):
+        launcher = [] if spec.processes == 1 else ["torchrun", f"--nproc_per_node={spec.processes}"]
+        runs[spec.folder] = launcher + spec_argv(spec, Path("<output>"))
+    return {"sizes": size, "runs": runs}
 
 
 def spec_argv(spec: RunSpec, output: Path) -> list[str]:
@@ -294,6 +315,19 @@ def spec_argv(spec: RunSpec, output: Path) -> list[str]:
         "--output_dir",
         str(output / "runs" / spec.folder),
     ]
+
+
+def data_parallel(script: str, processes: int, argv: list[str], log: Path) -> None:
+    """Run a recipe on ``processes`` CPU processes (``torchrun --standalone``: gloo, one torch thread each, the
+    command recipes/README.md gives), from the repository root; its output goes to ``log``."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(command + [script, *argv], cwd=root, env=environment, capture_output=True, text=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        raise RuntimeError(f"torchrun {Path(script).name} failed (exit {result.returncode}); its output: {log}")
 
 
 class Runs:
@@ -346,7 +380,10 @@ class Runs:
         recipe = finetune_clm if spec.recipe == "clm" else finetune_classification
         started = time.time()
         print(f"[study] training {spec.folder}", flush=True)
-        recipe.main(spec_argv(spec, self.output))
+        if spec.processes == 1:
+            recipe.main(spec_argv(spec, self.output))
+        else:
+            data_parallel(recipe.__file__, spec.processes, spec_argv(spec, self.output), folder / TORCHRUN_LOG)
         (folder / RUN_SECONDS).write_text(f"{time.time() - started:.1f}\n")
         return folder
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from hf_moe.compare import load_run, parameter_counts
 from hf_moe.plotting import pyplot
 
-from .runs import MODES, OVERFITTING, SWEEPS, Runs, dense_steps
+from .runs import BALANCE_SCOPES, DATA_PARALLEL, MODES, OVERFITTING, SWEEPS, Runs, dense_steps
 from .stats import band, interval, mean_sd, paired, show
 
 VALIDATION = "eval_validation_task_loss"
@@ -458,7 +458,7 @@ def section_sweeps(runs: Runs, figures: Path, lines: list[str], results: dict) -
     seeds = range(s["sweep_seeds"])
     dense = "upcycling/start0/dense_s{seed}"
     settings = {"section 1's MoE": "upcycling/start0/switch_s{seed}"}
-    settings.update({name: f"sweeps/{name}_s{{seed}}" for name in SWEEPS})
+    settings.update({name: f"sweeps/{name}_s{{seed}}" for name in [*SWEEPS, *BALANCE_SCOPES]})
     rows = {}
     for name, folder in settings.items():
         done = [seed for _, seed in pairs(runs, [folder, dense], [0], seeds)]
@@ -492,16 +492,33 @@ def section_sweeps(runs: Runs, figures: Path, lines: list[str], results: dict) -
     wins = [
         name for name, row in rows.items() if row["equal_flops"]["excludes_zero"] and row["equal_flops"]["mean"] < 0
     ]
-    results["sweeps"] = {"settings": rows, "learning_rates": lr, "moe_wins_at_equal_flops": wins}
+    # Balancing scope: the two 2-process runs of each seed, paired.
+    micro, total = (f"sweeps/{name}_s{{seed}}" for name in BALANCE_SCOPES)
+    done = [seed for _, seed in pairs(runs, [micro, total], [0], seeds)]
+    scope = {}
+    for label, measure in (
+        ("test loss", lambda folder: runs.scores(folder)["test_loss"].get(str(s["steps"]))),
+        ("balance", lambda folder: mean_over_layers(load_run(runs.folder / folder), "/balance")),
+        ("dropped pairs", lambda folder: mean_over_layers(load_run(runs.folder / folder), "/dropped_fraction")),
+    ):
+        arms = [[measure(folder.format(seed=x)) for x in done] for folder in (total, micro)]
+        scope[label] = {"global_batch": arms[0], "micro_batch": arms[1], "difference": paired(*arms)}
+    results["sweeps"] = {
+        "settings": rows,
+        "learning_rates": lr,
+        "moe_wins_at_equal_flops": wins,
+        "balance_scope": {"seeds": done, **scope},
+    }
     lines += [
         "## 5. Sweeps: does any setting make the MoE win at equal FLOPs?",
         "",
         f"Each row changes one setting of section 1's MoE (dense start 0, seeds {list(seeds)}) and compares it with "
         "the dense continuation of the same seed at equal steps and at the row's own training FLOPs (test loss, "
         f"MoE - dense, 95% CI). Learning rates x{', x'.join(f'{f:g}' for f in s['lr_factors'])} of "
-        f"{s['learning_rate']:g} for each arm, chosen on the validation split. Balancing over the micro batch vs "
-        "the global batch (`balance_scope`) is not compared: the study trains in one process, where the two are the "
-        "same tokens; the difference needs several data-parallel processes.",
+        f"{s['learning_rate']:g} for each arm, chosen on the validation split. The `processes2_*` rows train on "
+        f"{DATA_PARALLEL} data-parallel CPU processes (torchrun, gloo), each taking 1/{DATA_PARALLEL} of the batch, "
+        "with the balancing loss over each process's micro-batch or over the global batch (`balance_scope`, Qiu et "
+        "al. 2025, arXiv 2501.11873); in one process the two count the same tokens.",
         "",
         "| setting | MoE test loss | FLOPs / dense | dropped pairs | MoE - dense, equal steps "
         "| MoE - dense, equal FLOPs |",
@@ -519,6 +536,12 @@ def section_sweeps(runs: Runs, figures: Path, lines: list[str], results: dict) -
         + "; ".join(f"x{f:g}: MoE {v['moe_validation']:.4f}, dense {v['dense_validation']:.4f}" for f, v in lr.items()),
         "",
         "The MoE wins at equal FLOPs (interval below zero) with: " + (", ".join(wins) if wins else "no setting") + ".",
+        "",
+        f"Balancing scope, global batch - micro batch ({DATA_PARALLEL} processes, seeds {done}, 95% CI): "
+        + "; ".join(
+            f"{label} {show(row['difference'], 4 if label == 'test loss' else 3)}" for label, row in scope.items()
+        )
+        + ".",
         "",
     ]
 

@@ -66,6 +66,18 @@ def test_quick_study_writes_every_section_with_plots_and_intervals(quick):
     assert (
         sweeps["every_layer"]["flops_ratio"] > sweeps["section 1's MoE"]["flops_ratio"] > sweeps["top1"]["flops_ratio"]
     )
+    # Two data-parallel processes (torchrun, gloo): both balancing scopes trained, scored and paired.
+    scope = results["sweeps"]["balance_scope"]
+    assert scope["seeds"] == list(range(size["sweep_seeds"]))
+    assert scope["test loss"]["difference"]["n"] == size["sweep_seeds"]
+    aux_losses = []
+    for name in runs.BALANCE_SCOPES:
+        folder = output / "runs" / f"sweeps/{name}_s0"
+        assert "2 process(es), MULTI_CPU" in (folder / runs.TORCHRUN_LOG).read_text()
+        history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+        aux_losses.append([entry["aux_loss"] for entry in history if "loss" in entry])
+    # The same seed and data: only the balancing loss's scope tells the two apart.
+    assert len(aux_losses[0]) > 1 and aux_losses[0] != aux_losses[1]
     assert set(results["overfitting"]["runs"]) == set(runs.OVERFITTING)
     assert results["overfitting"]["chance"] == pytest.approx(1 / size["classes"])
     assert [row["step"] for row in results["expert_choice"]] == [0, 3, 6]
