@@ -18,7 +18,7 @@ import hf_moe
 from hf_moe import export_checkpoint, import_checkpoint, upcycle_checkpoint
 from hf_moe.upcycling.native import FAMILIES_BY_NATIVE, supported_mappings
 
-MAX_ABS = 1e-5
+MAX_ABS = 1e-6  # measured: 1.8e-7 (glm4_moe), 9e-8 (dots1), on logits of magnitude 0.6
 SETTINGS = dict(
     routing="aux_free", num_experts=4, num_experts_per_tok=2, expert_init="noise", noise_std=0.5, router_init_std=0.5
 )
