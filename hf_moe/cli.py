@@ -1,4 +1,4 @@
-"""The ``hf-moe`` command line: one argparse subcommand per task.
+"""The ``hf-moe`` command line: one subcommand per task.
 
     hf-moe upcycle SOURCE OUTPUT_DIR --routing switch --num-experts 8 --num-experts-per-tok 2 --verify
     hf-moe upcycle SOURCE OUTPUT_DIR --num-experts 8 --plan --fsdp-size 8   # sizes and memory; writes nothing
@@ -8,8 +8,8 @@
 
 A subcommand is a function ``add_<name>_parser(subparsers)`` that registers its arguments and
 sets ``handler``; `main` dispatches to it and turns user errors into a message and exit status.
-The options of ``upcycle``, ``export`` and ``import``, their help and defaults are generated from
-the option dataclasses (`UpcyclingSettings`, `CheckpointOptions`, `PlanOptions`; `NativeOptions`)
+The options of every subcommand, their help and defaults are generated from the option dataclasses
+(`UpcyclingSettings`, `CheckpointOptions`, `PlanOptions`; `NativeOptions`; `CompareOptions`)
 by transformers' `HfArgumentParser`, the way TRL's ``trl`` command builds its subcommands; errors
 name options as the parser spells them (`hf_moe.options.parser_spelling`).
 """
@@ -212,9 +212,22 @@ def run_import(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclasses.dataclass
+class CompareOptions:
+    """The options of ``hf-moe compare`` (its positional RUN_DIRs are added by `add_compare_parser`)."""
+
+    output: str | None = dataclasses.field(
+        default=None, metadata={"help": "folder for comparison.md and loss_curves.png (default: print only)"}
+    )
+    overwrite: bool = dataclasses.field(
+        default=False, metadata={"help": "replace comparison.md / loss_curves.png in --output"}
+    )
+
+
 def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "compare",
+        dataclass_types=[CompareOptions],
         formatter_class=argparse.HelpFormatter,
         help="overlay the loss curves and tabulate the final metrics of fine-tuning runs",
         description=(
@@ -224,10 +237,6 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output_dir of a Trainer run")
-    parser.add_argument(
-        "--output", default=None, help="folder for comparison.md and loss_curves.png (default: print only)"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace comparison.md / loss_curves.png in --output")
     parser.set_defaults(handler=run_compare, spelling=parser_spelling(parser))
     return parser
 
@@ -237,16 +246,17 @@ def run_compare(args: argparse.Namespace) -> int:
 
     from .compare import COMPARISON_PLOT, COMPARISON_TABLE, compare_runs
 
+    (options,) = dataclasses_from(args, [CompareOptions])
     for run_dir in args.run_dirs:
         if not Path(run_dir).is_dir():
             raise FileNotFoundError(f"RUN_DIR {run_dir}: no such folder")
-    if args.output is not None and not args.overwrite:
+    if options.output is not None and not options.overwrite:
         for name in (COMPARISON_TABLE, COMPARISON_PLOT):
-            if (Path(args.output) / name).exists():
-                raise FileExistsError(f"--output {args.output} already holds {name}; pass --overwrite to replace it")
-    print(compare_runs(args.run_dirs, args.output, overwrite=args.overwrite), end="")
-    if args.output is not None:
-        print(f"Wrote {Path(args.output) / COMPARISON_TABLE} and {Path(args.output) / COMPARISON_PLOT}")
+            if (Path(options.output) / name).exists():
+                raise FileExistsError(f"--output {options.output} already holds {name}; pass --overwrite to replace it")
+    print(compare_runs(args.run_dirs, options.output, overwrite=options.overwrite), end="")
+    if options.output is not None:
+        print(f"Wrote {Path(options.output) / COMPARISON_TABLE} and {Path(options.output) / COMPARISON_PLOT}")
     return 0
 
 
