@@ -242,8 +242,16 @@ def run_engine(python: str, engine: str, model_dir: Path, prompts, convert_scrip
         [python, __file__, "--worker"], input=json.dumps(request), capture_output=True, text=True, timeout=1800
     )
     if result.returncode != 0 or not answer_path.is_file():
-        return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
+        return {"error": error_line(result.stderr + "\n" + result.stdout, result.returncode)}
     return json.loads(answer_path.read_text())
+
+
+def error_line(log: str, returncode: int) -> str:
+    """The line of a failed worker's log that says why: the last one naming an error (engines log warnings after
+    it, and their worker processes' errors before the driver's), else the last line."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line or "error:" in line]
+    return (errors or lines or [f"exit status {returncode}"])[-1]
 
 
 def worker_main() -> None:

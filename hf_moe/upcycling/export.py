@@ -202,8 +202,9 @@ def export_folder(
             for j, native_name in enumerate(rule.native_names):
                 sources[native_name] = (rule.name, j if rule.stacked else None, rule.scale, dtype)
                 outputs.append(OutputTensor(native_name, dtype, _native_shape(shapes[rule.name], rule)))
-        router_dtype = next(out.dtype for out in outputs if out.name.endswith(".gate.weight"))
-        outputs += [OutputTensor(name, router_dtype, shape) for name, shape in zeros]
+        # Zero tensors are weights of the native block (a gate, a shared expert): the experts' dtype.
+        weight_dtype = next(checkpoint.dtype(rule.name) for rule in rules if rule.stacked)
+        outputs += [OutputTensor(name, weight_dtype, shape) for name, shape in zeros]
         weight_bytes = sum(out.nbytes for out in outputs)
         check_disk_space(output_dir, weight_bytes)
 

@@ -72,7 +72,8 @@ class NativeFamily:
     fixed_fields: dict[str, object]
     # Dense config fields that must have the given value (what the native architecture lacks).
     dense_requirements: dict[str, object]
-    # Tensors of each MoE block that hf_moe does not have, written as zeros: (name, shape in terms of H).
+    # Tensors of each MoE block that hf_moe does not have, written as zeros: (name, shape), the shape's sizes
+    # given as numbers or as "H" (hidden size) and "I" (the experts' width, `expert_intermediate_size`).
     zero_tensors: tuple[tuple[str, tuple], ...]
     engines: tuple[Engine, ...]
     heads: tuple[int, ...] = (0, 1, 2)
@@ -118,8 +119,13 @@ class NativeFamily:
 
 
 SWIGLU = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
-# DeepSeekMoE-style shared experts of width 0 (n_shared_experts=0) hold tensors without elements.
-SHARED_EXPERTS = tuple(f"shared_experts.{name}.weight" for name in SWIGLU)
+# Without an hf_moe shared expert, DeepSeekMoE-style families get one all-zero shared expert (n_shared_experts=1):
+# it adds exactly 0, and engines build their usual block (vLLM fails on n_shared_experts=0).
+ZERO_SHARED_EXPERT = (
+    ("shared_experts.gate_proj.weight", ("I", "H")),
+    ("shared_experts.up_proj.weight", ("I", "H")),
+    ("shared_experts.down_proj.weight", ("H", "I")),
+)
 FAMILIES = (
     NativeFamily(
         model_type="qwen3_moe",
@@ -261,17 +267,16 @@ FAMILIES = (
             "routed_scaling_factor": 1.0,
             "use_qk_norm": False,
             "num_mtp_layers": 0,
-            "n_shared_experts": 0,
+            "n_shared_experts": 1,
         },
         # Glm4MoeAttention's output projection has no bias; its MLPs have none.
         dense_requirements={"attention_bias": False, "mlp_bias": False},
-        zero_tensors=(),
+        zero_tensors=ZERO_SHARED_EXPERT,
         engines=(
             Engine("vLLM", "Glm4MoeForCausalLM", ""),
             Engine("SGLang", "Glm4MoeForCausalLM", ""),
         ),
         heads=(0, 1),
-        optional_tensors=SHARED_EXPERTS,
         shared_expert_field="n_shared_experts",
         shared_expert_module="shared_experts",
         shared_expert_gated=False,
@@ -295,12 +300,11 @@ FAMILIES = (
         norm_topk_prob_field="norm_topk_prob",
         expert_size_field="moe_intermediate_size",
         carried_fields={},
-        fixed_fields={"n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0, "n_shared_experts": 0},
+        fixed_fields={"n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0, "n_shared_experts": 1},
         dense_requirements={},
-        zero_tensors=(),
+        zero_tensors=ZERO_SHARED_EXPERT,
         engines=(Engine("vLLM", "Dots1ForCausalLM", ""),),
         heads=(0, 1),
-        optional_tensors=SHARED_EXPERTS,
         shared_expert_field="n_shared_experts",
         shared_expert_module="shared_experts",
         shared_expert_gated=False,
@@ -501,6 +505,15 @@ def serving_limits(config, family: NativeFamily, native) -> list[str]:
             f"{family.model_type} computes the shared expert for padding tokens too (hf_moe gives them 0): outputs "
             "at padding positions differ, every other position is the same"
         )
+    elif any(name.startswith(family.shared_expert_module + ".") for name, _ in family.zero_tensors):
+        width = expert_intermediate_size(config)
+        limits.append(
+            f"this model has no shared expert; {family.model_type} is written with one all-zero shared expert "
+            f"({family.shared_expert_field}=1) so that engines build their usual block (vLLM fails to load "
+            f"{family.shared_expert_field}=0): it adds exactly 0, but costs one more expert-width MLP "
+            f"({width} neurons) per MoE layer for every token; its gradients are 0, so it stays 0 in fine-tuning; "
+            "`hf-moe import` keeps it as an ungated hf_moe shared expert (the same function)"
+        )
     elif family.zero_tensors or family.optional_tensors:
         limits.append(
             f"the shared expert has size 0 ({family.shared_expert_field}=0) so that it adds exactly nothing; "
@@ -657,7 +670,7 @@ def tensor_rules(family: NativeFamily, plan) -> tuple[list[TensorRule], list[tup
     """Every tensor of the hf_moe ``plan`` (`weights.ConversionPlan`) with its native names, and
     the native-only zero tensors (name, shape)."""
     config = plan.config
-    hidden = config.text_config.hidden_size
+    sizes = {"H": config.text_config.hidden_size, "I": expert_intermediate_size(config)}
     native_blocks = {
         block: f"{block.rpartition('.')[0]}.{family.block_name}" for block in plan.feed_forward_blocks.values()
     }
@@ -694,7 +707,7 @@ def tensor_rules(family: NativeFamily, plan) -> tuple[list[TensorRule], list[tup
             raise ValueError(f"{tensor.name} has no counterpart in {family.model_type}")
     written = {name for rule in rules for name in rule.native_names}
     zeros = [
-        (f"{native_block}.{name}", tuple(hidden if size == "H" else size for size in shape))
+        (f"{native_block}.{name}", tuple(sizes.get(size, size) for size in shape))
         for native_block in native_blocks.values()
         for name, shape in family.zero_tensors
         if f"{native_block}.{name}" not in written
