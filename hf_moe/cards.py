@@ -148,6 +148,12 @@ def shared_expert_summary(config, scheme: dict) -> str:
     return f"an always-on shared expert (DeepSeekMoE, Dai et al. 2024; Qwen2-MoE) holds {held}{gate}; {routed}"
 
 
+def gate_phrase(config) -> str:
+    """How a token-choice model's top-k gates are computed, for the export and import cards."""
+    scores = f"{getattr(config, 'scoring_func', 'softmax')} scores"
+    return f"{scores} renormalised to sum 1" if config.norm_topk_prob else f"raw {scores}"
+
+
 def exported_model_card(config, family, native, model_name: str, origin: dict, limits: list[str]) -> str:
     """The card of an exported native checkpoint (``model_cards/exported.md``): the hf_moe
     ``config`` it came from, its native family (`hf_moe.upcycling.native.NativeFamily`) and
@@ -161,8 +167,8 @@ def exported_model_card(config, family, native, model_name: str, origin: dict, l
         tags=["moe", family.model_type, "hf_moe"] + (["upcycled"] if upcycling else []),
         pipeline_tag="text-generation" if head_class.endswith("ForCausalLM") else None,
     )
-    gates = "renormalised to sum 1" if config.norm_topk_prob else "raw softmax probabilities"
-    dense_layers = getattr(native, family.dense_layers_field) if family.dense_layers_field else []
+    gates = gate_phrase(config)
+    dense_layers = family.dense_layers(native)
     return render_model_card(
         "exported",
         card_data=card_data,
@@ -172,6 +178,7 @@ def exported_model_card(config, family, native, model_name: str, origin: dict, l
         upcycled_from=upcycling.get("source"),
         dense_model_type=config.text_config.model_type,
         native_model_type=family.model_type,
+        hf_moe_model_type=config.model_type,
         native_class=head_class,
         num_experts=config.num_experts,
         top_k=config.num_experts_per_tok,
@@ -205,9 +212,10 @@ def imported_model_card(config, family, model_class: type, model_name: str) -> s
         dense_model_type=config.text_config.model_type,
         model_class=model_class.__name__,
         auto_class=model_class.dense_auto_class.__name__,
+        hf_moe_model_type=config.model_type,
         num_experts=config.num_experts,
         top_k=config.num_experts_per_tok,
-        norm_topk_prob=config.norm_topk_prob,
+        gates=gate_phrase(config),
         moe_layers=", ".join(str(i) for i in config.moe_layers),
         num_layers=config.text_config.num_hidden_layers,
         verification=imported.get("verification"),

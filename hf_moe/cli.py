@@ -146,7 +146,8 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
             "classes, without hf_moe or trust_remote_code, and that serving engines (vLLM, SGLang, llama.cpp) know. "
             "Tensors are renamed and split per expert, streaming; the output computes exactly the same function "
             f"(verified). Supported mappings: {supported_mappings()}. Expert Choice routing and an evaluation "
-            "capacity factor (token dropping) have no native counterpart."
+            "capacity factor (token dropping) have no native counterpart; auxiliary-loss-free checkpoints export "
+            "with their selection biases as e_score_correction_bias."
         ),
     )
     parser.add_argument("source", metavar="MOE_DIR", help="hf_moe checkpoint directory, or a Hub id")
@@ -161,10 +162,12 @@ def add_import_parser(subparsers) -> argparse.ArgumentParser:
         dataclass_types=[NativeOptions],
         help="turn a native transformers MoE checkpoint (qwen3_moe, mixtral, ...) into an hf_moe checkpoint",
         description=(
-            "Turn a native transformers MoE checkpoint into an hf_moe switch_moe checkpoint computing the same "
-            "function (dropless, as the native model), so that the hf_moe recipes (router z-loss, expert dropout, "
-            f"capacity factors, routing health) apply. Supported: {list(FAMILIES_BY_NATIVE)}. Shared experts and "
-            "experts of another size than the dense layers' MLP are refused."
+            "Turn a native transformers MoE checkpoint into an hf_moe checkpoint computing the same function "
+            "(dropless, as the native model), so that the hf_moe recipes (router z-loss, expert dropout, capacity "
+            f"factors, routing health) apply. Supported: {list(FAMILIES_BY_NATIVE)}: the softmax-routed families "
+            "become switch_moe checkpoints, the bias-routed glm4_moe and dots1 aux_free_moe checkpoints whose "
+            "selection biases are their e_score_correction_bias. What hf_moe does not compute (group-limited routing, "
+            "routed_scaling_factor other than 1, partial rotary embeddings) is refused."
         ),
     )
     parser.add_argument("source", metavar="NATIVE_DIR", help="native MoE checkpoint directory, or a Hub id")

@@ -203,22 +203,17 @@ class AuxFreeRouting(RoutingMethod):
     """Token choice balanced by selection biases instead of (or beside) an auxiliary loss.
 
     Native counterparts: transformers' DeepSeek-V3-style MoE blocks select by sigmoid score plus
-    ``e_score_correction_bias`` and weigh by the score alone, which is this block with ``scoring_func="sigmoid"``,
-    renormalised gates and dropless evaluation. Their decoder layers decide: dots1 (qwen3's attention) and
-    glm4_moe (llama's attention with ``use_qk_norm=False``, ``partial_rotary_factor=1``) place MoE layers from
-    ``first_k_dense_replace`` to the last; deepseek_v3 uses multi-head latent attention. The export is not
-    written yet (docs/moe-reference.md, "Auxiliary-loss-free balancing").
+    ``e_score_correction_bias`` and weigh by the score alone, which is this block with ``scoring_func="sigmoid"``
+    and dropless evaluation (either ``norm_topk_prob``). ``hf-moe export`` writes it as dots1 (qwen3's attention)
+    or glm4_moe (llama's attention: ``use_qk_norm=False``, ``partial_rotary_factor=1``), whose MoE layers run from
+    ``first_k_dense_replace`` to the last, with the biases as ``e_score_correction_bias``; ``hf-moe import``
+    reads them back (docs/moe-reference.md, "Auxiliary-loss-free balancing"). deepseek_v3 uses multi-head
+    latent attention, which no supported backbone has.
     """
 
     name = "aux_free"
     config_class = AuxFreeMoeConfig
     balancing_loss = staticmethod(sequence_balance_loss)
-    no_native_counterpart = (
-        "hf-moe export does not write auxiliary-loss-free checkpoints yet: transformers' bias-routed "
-        "architectures match only some of them (dots1 for a qwen3 backbone and glm4_moe for llama, with sigmoid "
-        "scores and MoE layers from one layer to the last; see docs/moe-reference.md) and that mapping is not "
-        "implemented"
-    )
     routers_learn_state = "the expert selection biases (router.expert_bias)"
 
     @classmethod

@@ -91,7 +91,8 @@ class RoutingMethod:
     # (base model, causal LM, sequence classifier): the heads, in that order (the converter's head index)
     model_classes: tuple[type, type, type]
     # Why an exported checkpoint cannot use it (native transformers MoE architectures route by token
-    # choice); None when it maps onto them (`hf-moe export` then checks the backbone and settings).
+    # choice); None when it may map onto them (`hf-moe export` then looks for a native family taking this
+    # routing and backbone, ``NativeFamily.routing``, and checks the settings).
     no_native_counterpart: str | None = None
     # What training changes in the routers besides their weights (buffers), named in the warning when a PEFT
     # adapter leaves it out: the adapter must save the routers (``modules_to_save``) for a reloaded adapter to

@@ -21,13 +21,12 @@ from ..checkpoints.sources import copy_data_files, resolve_paths, write_metadata
 from ..checkpoints.staging import check_disk_space, staged_output
 from ..checkpoints.streaming import CheckpointReader, OutputTensor, write_sharded_safetensors
 from ..checkpoints.units import parse_size
-from ..modeling import SwitchMoeConfig
 from ..modeling.configuration_moe import HF_MOE_VERSION
-from ..modeling.registry import model_types, routing_method_of
+from ..modeling.registry import model_types, routing_method, routing_method_of
 from .native import (
-    FAMILIES_BY_DENSE,
     FAMILIES_BY_NATIVE,
     export_problems,
+    family_of,
     import_problems,
     imported_settings,
     native_config,
@@ -86,8 +85,10 @@ def import_checkpoint(
     progress: bool = True,
 ) -> Path:
     """Turn a native transformers MoE checkpoint (``qwen3_moe``, ``mixtral``, ...) into an hf_moe
-    ``switch_moe`` checkpoint computing the same function, so the hf_moe recipes (router z-loss,
-    expert dropout, capacity factors, freeze policies, routing health) apply to it.
+    checkpoint computing the same function, so the hf_moe recipes (router z-loss, expert dropout,
+    capacity factors, freeze policies, routing health) apply to it: ``switch_moe`` for the softmax
+    families, ``aux_free_moe`` (sigmoid scores, the native ``e_score_correction_bias`` as its selection
+    biases) for glm4_moe and dots1 (`native.NativeFamily.routing`).
 
     The imported model is dropless (``capacity_factor=None``), as the native model is. What hf_moe
     cannot represent (experts of another size than the dense layers' MLP) is
@@ -106,7 +107,7 @@ def import_checkpoint(
         raise ValueError(f"Cannot import {folder} into hf_moe:\n  - " + "\n  - ".join(problems))
     dense_fields, moe_fields = imported_settings(family, native)
     text_config = AutoConfig.for_model(family.import_model_type, **dense_fields)
-    config = SwitchMoeConfig(text_config=text_config, **moe_fields)
+    config = routing_method(family.routing).config_class(text_config=text_config, **moe_fields)
     config.dtype = native.dtype
     config.imported = {**origin, "model_type": family.model_type, "hf_moe_version": HF_MOE_VERSION}
     with CheckpointReader(folder) as checkpoint:
@@ -128,14 +129,26 @@ def import_checkpoint(
         model_dtypes = {name: tensor.dtype for name, tensor in plan.meta_moe.state_dict().items()}
         native_dtypes = {name: model_dtypes[rule.name] for name, (rule, _) in expected.items()}
         check_floating(native_dtypes, checkpoint.dtype, {name: name for name in expected}, family.model_type)
-        outputs = [OutputTensor(rule.name, checkpoint.dtype(rule.native_names[0]), shapes[rule.name]) for rule in rules]
+        outputs = [
+            OutputTensor(
+                rule.name,
+                model_dtypes[rule.name] if rule.native_dtype else checkpoint.dtype(rule.native_names[0]),
+                shapes[rule.name],
+            )
+            if rule.native_names
+            else OutputTensor(rule.name, model_dtypes[rule.name], shapes[rule.name])  # not exported: starts at 0
+            for rule in rules
+        ]
         weight_bytes = sum(out.nbytes for out in outputs)
         check_disk_space(output_dir, weight_bytes)
         by_name = {rule.name: rule for rule in rules}
 
         def produce(out: OutputTensor):
-            for native_name in by_name[out.name].native_names:  # one chunk per expert
-                yield checkpoint.read(native_name)
+            native_names = by_name[out.name].native_names
+            if not native_names:
+                yield torch.zeros(out.shape, dtype=out.dtype)
+            for native_name in native_names:  # one chunk per expert
+                yield checkpoint.read(native_name).to(out.dtype)
 
         with staged_output(output_dir, overwrite, weight_bytes) as staging:
             write_sharded_safetensors(staging, outputs, produce, shard_bytes, progress)
@@ -145,7 +158,7 @@ def import_checkpoint(
                     pairs = [
                         (
                             lambda r=rule, j=j: written.read(r.name, j if r.stacked else None),
-                            lambda n=n: checkpoint.read(n),
+                            lambda n=n, r=rule: checkpoint.read(n).to(written.dtype(r.name)),
                         )
                         for rule in rules
                         for j, n in enumerate(rule.native_names)
@@ -166,7 +179,7 @@ def export_folder(
         raise ValueError(
             f"Cannot export {folder} to a native transformers architecture:\n  - " + "\n  - ".join(problems)
         )
-    family = FAMILIES_BY_DENSE[config.text_config.model_type]
+    family = family_of(config)
     native = native_config(family, config, head)
 
     with CheckpointReader(folder) as checkpoint:
@@ -185,18 +198,19 @@ def export_folder(
         check_floating(model_dtypes, checkpoint.dtype, {rule.name: rule.name for rule in rules}, config.model_type)
         sources, outputs = {}, []
         for rule in rules:
-            dtype = checkpoint.dtype(rule.name)
+            dtype = rule.native_dtype or checkpoint.dtype(rule.name)
             for j, native_name in enumerate(rule.native_names):
-                sources[native_name] = (rule.name, j if rule.stacked else None, rule.scale)
+                sources[native_name] = (rule.name, j if rule.stacked else None, rule.scale, dtype)
                 outputs.append(OutputTensor(native_name, dtype, _native_shape(shapes[rule.name], rule)))
-        router_dtype = next(out.dtype for out in outputs if out.name.endswith(".gate.weight"))
-        outputs += [OutputTensor(name, router_dtype, shape) for name, shape in zeros]
+        # Zero tensors are weights of the native block (a gate, a shared expert): the experts' dtype.
+        weight_dtype = next(checkpoint.dtype(rule.name) for rule in rules if rule.stacked)
+        outputs += [OutputTensor(name, weight_dtype, shape) for name, shape in zeros]
         weight_bytes = sum(out.nbytes for out in outputs)
         check_disk_space(output_dir, weight_bytes)
 
         def read_source(native_name: str) -> torch.Tensor:
-            name, row, scale = sources[native_name]
-            tensor = checkpoint.read(name, row)
+            name, row, scale, dtype = sources[native_name]
+            tensor = checkpoint.read(name, row).to(dtype)
             return tensor * scale if scale != 1 else tensor
 
         def produce(out: OutputTensor):

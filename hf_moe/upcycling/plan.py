@@ -26,7 +26,7 @@ from ..checkpoints.units import DTYPES, format_bytes, parse_dtype, parse_size
 from ..modeling.experts import GroupedLinear
 from ..options import literal, option_error
 from .convert import load_dense_config
-from .native import FAMILIES_BY_DENSE, export_problems, tensor_rules
+from .native import export_problems, family_of, tensor_rules
 from .settings import CheckpointOptions, PlanOptions, UpcyclingSettings, split_options
 from .weights import (
     BACKBONE_PREFIX,
@@ -328,7 +328,7 @@ def _export_stages(
     plan: ConversionPlan, outputs: list[OutputTensor], compare: bool, total: int, verify: bool, file_bytes: int
 ) -> dict[str, int]:
     stored = {out.name: out for out in outputs}
-    rules, _ = tensor_rules(FAMILIES_BY_DENSE[plan.config.text_config.model_type], plan)
+    rules, _ = tensor_rules(family_of(plan.config), plan)
     # A stacked tensor is exported one expert slice at a time.
     largest = max(stored[r.name].nbytes // (len(r.native_names) if r.stacked else 1) for r in rules)
     stages = {"export write": largest}

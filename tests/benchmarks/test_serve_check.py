@@ -59,3 +59,15 @@ def test_fine_grained_cases_export_the_experts_width(tmp_path):
     )
     assert fields == [("mixtral", 256, 4), ("qwen3_moe", 128, 8), ("qwen3_moe", 256, 4)]
     assert sorted(c["hf_moe_export"]["upcycling"]["granularity"] for c in configs.values()) == [2, 2, 4]
+
+
+def test_a_failed_engine_is_reported_by_its_error_line_not_a_trailing_warning():
+    error_line = load_script().error_line
+    log = (
+        "INFO loading\n(Worker pid=7) ERROR RuntimeError: shape mismatch in shared_experts\n"
+        "RuntimeError: Engine core initialization failed. See root cause above.\n"
+        "/usr/lib/python3.11/multiprocessing/resource_tracker.py:254: UserWarning: leaked semaphore objects\n"
+    )
+    assert error_line(log, 1) == "RuntimeError: Engine core initialization failed. See root cause above."
+    assert error_line("only a warning\n", 1) == "only a warning"
+    assert error_line("", -9) == "exit status -9"

@@ -275,14 +275,16 @@ def test_copy_upcycling_computes_the_dense_function_whatever_the_biases(model_ty
         torch.testing.assert_close(moe(ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_export_refuses_with_the_reason(tmp_path):
+def test_export_refuses_softmax_scores_with_the_reason(tmp_path):
+    # Sigmoid-scored models export to dots1 / glm4_moe (tests/upcycling/test_native_aux_free.py); softmax ones do not.
     torch.manual_seed(0)
     dense = AutoModelForCausalLM.from_config(dense_config("qwen3"))
     dense.save_pretrained(tmp_path / "dense")
     out = tmp_path / "moe"
     moe = hf_moe.upcycle_checkpoint(
-        tmp_path / "dense", out, routing="aux_free", num_experts=4, moe_layers="all", progress=False
-    )
-    with pytest.raises(ValueError, match="hf-moe export does not write auxiliary-loss-free checkpoints yet") as error:
+        tmp_path / "dense", out, routing="aux_free", num_experts=4, moe_layers="all", scoring_func="softmax",
+        progress=False,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="dots1 routes with scoring_func='sigmoid', this model has scoring_func="):
         hf_moe.export_checkpoint(moe, tmp_path / "native", progress=False)
-    assert "dots1 for a qwen3 backbone" in str(error.value) and not (tmp_path / "native").exists()
+    assert not (tmp_path / "native").exists()

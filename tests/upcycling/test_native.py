@@ -16,7 +16,7 @@ from hf_moe import export_checkpoint, import_checkpoint, upcycle_checkpoint
 from hf_moe.cli import main
 from hf_moe.upcycling import VerificationError
 from hf_moe.upcycling import export as export_module
-from hf_moe.upcycling.native import FAMILIES, FAMILIES_BY_DENSE, NO_NATIVE_COUNTERPART
+from hf_moe.upcycling.native import FAMILIES, FAMILIES_BY_ROUTE, NO_NATIVE_COUNTERPART
 
 MAX_ABS = 1e-5
 # (dense backbone, upcycling settings) -> native model_type. Routers get a large init so that
@@ -295,8 +295,8 @@ def test_every_dense_family_has_a_target_or_a_reason():
     from tiny_models import TINY_CONFIGS
 
     for model_type in TINY_CONFIGS:
-        assert (model_type in FAMILIES_BY_DENSE) != (model_type in NO_NATIVE_COUNTERPART), model_type
-    assert {f.model_type for f in FAMILIES} == {"qwen3_moe", "mixtral", "qwen2_moe", "flex_olmo"}
+        assert (("switch", model_type) in FAMILIES_BY_ROUTE) != (model_type in NO_NATIVE_COUNTERPART), model_type
+    assert {f.model_type for f in FAMILIES} == {"qwen3_moe", "mixtral", "qwen2_moe", "flex_olmo", "glm4_moe", "dots1"}
 
 
 def test_cards_say_how_to_serve_and_what_differs(save_dense, tmp_path):
@@ -331,8 +331,9 @@ def test_cli_export_import_and_help(save_dense, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "qwen3 -> qwen3_moe (any moe_layers, either norm_topk_prob)" in help_text
-    assert "llama/mistral -> mixtral (every layer MoE, renormalised top-k only)" in help_text
+    assert "qwen3 -> qwen3_moe (--routing switch, any moe_layers, either norm_topk_prob)" in help_text
+    assert "llama/mistral -> mixtral (--routing switch, every layer MoE, renormalised top-k only)" in help_text
+    assert "llama -> glm4_moe (--routing aux_free, scoring_func='sigmoid', moe_layers the last layers" in help_text
 
 
 MEMORY_PROBE = """
