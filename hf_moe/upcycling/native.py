@@ -452,7 +452,7 @@ def _shared_expert_problems(family: NativeFamily, config, flags: bool) -> list[s
     if not shared:
         return []
     if family.shared_expert_field is None:
-        with_shared = [f.model_type for f in FAMILIES if f.shared_expert_field]
+        with_shared = [f.model_type for f in FAMILIES if f.shared_expert_field and f.routing == family.routing]
         fix = "upcycle without --shared-expert" if flags else "upcycle with shared_expert=False"
         return [
             f"{family.model_type} has no shared expert, this model has one (shared_expert_intermediate_size="
