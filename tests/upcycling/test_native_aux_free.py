@@ -312,7 +312,7 @@ def test_help_and_cards_name_the_mappings(save_dense, tmp_path):
     assert "can be exported exactly to the native `glm4_moe` architecture" in (moe / "README.md").read_text()
     card = (export_checkpoint(moe, tmp_path / "native", progress=False) / "README.md").read_text()
     assert "exported with `hf_moe` from the `aux_free_moe` checkpoint" in card
-    assert "gates sigmoid scores renormalised to sum 1" in card
+    assert "gates: sigmoid scores renormalised to sum 1" in card
     assert "router.expert_bias is written as gate.e_score_correction_bias" in card
     imported = import_checkpoint(tmp_path / "native", tmp_path / "back", progress=False)
     assert "(`aux_free_moe`), backbone `llama`" in (imported / "README.md").read_text()
